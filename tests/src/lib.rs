@@ -1,0 +1,19 @@
+//! The kit sealvm's integration tests and `cargo xtask` share: where the guest images and
+//! binaries are, what this host can virtualize, and a launcher for the Linux guest under QEMU.
+//!
+//! It does not build anything: `cargo xtask images` builds the guest images and
+//! `cargo build` the binaries; the kit only finds them and says what to run when they are
+//! missing.
+
+pub mod console;
+pub mod host;
+pub mod paths;
+pub mod qemu;
+
+pub use console::Console;
+pub use host::Accel;
+pub use paths::{GuestImages, Workspace};
+pub use qemu::{QemuGuest, QemuGuestBuilder};
+
+/// The line the Linux guest's init prints on the console once it is ready for commands.
+pub const GUEST_READY_LINE: &str = "SEALVM-GUEST-READY";

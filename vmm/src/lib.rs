@@ -1,0 +1,5 @@
+//! sealvm: a KVM virtual machine monitor that boots guests with virtio-mmio devices and
+//! launches sealed bundles on trusted hosts.
+//!
+//! The library holds everything testable; `main.rs` only parses arguments and calls in.
+#![deny(unsafe_op_in_unsafe_fn)]
