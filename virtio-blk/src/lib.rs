@@ -1,0 +1,24 @@
+//! virtio-blk requests, once for every transport: sealvm's virtio-mmio device and
+//! sealvm-blk's vhost-user backend both turn a descriptor chain into [`Segment`]s, parse it
+//! with [`Request::parse`] and run it against a [`BlockBackend`] with [`Request::execute`].
+//!
+//! Everything here treats the guest as untrusted: every length, offset and sector count is
+//! checked, and a bad request becomes a [`RequestError`] (answered with
+//! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`), never a panic. The crate does not know
+//! about queues, interrupts or vhost-user; callers own those.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod backend;
+pub mod config;
+pub mod request;
+
+pub use backend::{BlockBackend, RawFile};
+pub use config::{ConfigSpace, Features};
+pub use request::{Limits, Request, RequestError, RequestKind, Segment};
+
+/// Bytes in a virtio-blk sector; offsets on the wire are always in these units.
+pub const SECTOR_SIZE: u64 = 512;
+/// log2 of [`SECTOR_SIZE`].
+pub const SECTOR_SHIFT: u32 = 9;
+/// Length of the device id returned by `VIRTIO_BLK_T_GET_ID`.
+pub const DEVICE_ID_LEN: usize = 20;
