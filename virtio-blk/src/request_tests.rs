@@ -186,7 +186,7 @@ fn wrong_direction_partial_sector_and_oversized_requests_fail() {
     assert_eq!(run(&f, &partial), (1, status::IOERR));
     let huge = [
         seg(HDR, 16, false),
-        seg(0, u32::MAX & !511, false),
+        seg(0, !511, false),
         seg(STATUS, 1, true),
     ];
     let rejected = Request::parse(&f.mem, &huge, &f.limits).unwrap_err();
