@@ -29,7 +29,28 @@ pub fn run(workspace: &Workspace) -> Result<()> {
     ]))?;
     step("test: building the binaries the integration tests start");
     run_command(cargo().args(["build", "--workspace", "--bins", "--quiet"]))?;
-    step("test: cargo test");
-    run_command(cargo().args(["test", "--workspace"]))?;
+    step("test: doc tests");
+    run_command(cargo().args(["test", "--workspace", "--doc", "--quiet"]))?;
+    if has_nextest() {
+        // nextest runs every test in its own process, ends hung ones (.config/nextest.toml)
+        // and closes with one summary line of the whole run.
+        step("test: cargo nextest run");
+        let profile = if std::env::var_os("CI").is_some() {
+            "ci"
+        } else {
+            "default"
+        };
+        run_command(cargo().args(["nextest", "run", "--workspace", "--profile", profile]))?;
+    } else {
+        step("test: cargo test (cargo-nextest is not installed)");
+        run_command(cargo().args(["test", "--workspace"]))?;
+    }
     Ok(())
+}
+
+fn has_nextest() -> bool {
+    Command::new(env!("CARGO"))
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success())
 }
