@@ -31,8 +31,8 @@ fn linux_guest_reaches_ready_line_and_runs_the_agent() {
 #[test]
 fn guest_writes_reach_a_raw_virtio_disk() {
     let images = Workspace::locate().linux_guest().expect("guest images");
-    let dir = tempdir();
-    let disk = dir.join("disk.raw");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let guest = QemuGuestBuilder::new(images)
         .raw_disk(&disk)
@@ -46,11 +46,4 @@ fn guest_writes_reach_a_raw_virtio_disk() {
     guest.shutdown().expect("guest powers off");
     let data = std::fs::read(&disk).unwrap();
     assert_eq!(&data[4096..4096 + 17], b"sealvm-disk-check");
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sealvm-linux-guest-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
