@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod fuzzing;
 pub mod request;
 
 pub use backend::{BlockBackend, RawFile};
