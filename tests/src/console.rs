@@ -65,7 +65,8 @@ impl Console {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line).replace('\r', "");
-                        if echo {
+                        // The markers `run` wraps commands in are plumbing, not guest output.
+                        if echo && !text.contains("@@") {
                             print!("  guest| {text}");
                             let _ = std::io::stdout().flush();
                         }
