@@ -1,0 +1,491 @@
+//! The agent's state and its command table: what each qemu-guest-agent command (and each
+//! `sealvm-` extension) does. Transport-free: [`Agent::handle`] takes a decoded request and
+//! gives the bytes to send back.
+
+use crate::exec::{ExecArgs, ExecTable};
+use crate::fsfreeze;
+use crate::protocol::{encode_error, encode_return, CommandError, ErrorClass, Request, DELIMITER};
+use crate::system;
+use crate::toolkits::{self, Toolkit};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The commands the agent answers, as guest-info lists them.
+pub const COMMANDS: &[&str] = &[
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-ping",
+    "guest-info",
+    "guest-get-osinfo",
+    "guest-get-fsinfo",
+    "guest-fsfreeze-status",
+    "guest-fsfreeze-freeze",
+    "guest-fsfreeze-freeze-list",
+    "guest-fsfreeze-thaw",
+    "guest-shutdown",
+    "guest-exec",
+    "guest-exec-status",
+    "sealvm-toolkits",
+    "sealvm-heartbeat",
+];
+
+/// How the agent behaves.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// A freeze not thawed within this long thaws itself.
+    pub freeze_timeout: Duration,
+    /// Where user toolkits are read from.
+    pub toolkits_dir: PathBuf,
+    /// How long each toolkit script may run.
+    pub script_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            freeze_timeout: Duration::from_secs(60),
+            toolkits_dir: PathBuf::from(toolkits::USER_TOOLKITS_DIR),
+            script_timeout: toolkits::SCRIPT_TIMEOUT,
+        }
+    }
+}
+
+/// The result of the last freeze, for the heartbeat.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FreezeReport {
+    /// `thawed`, `auto-thawed`, `thawed-on-disconnect`, or `failed`.
+    pub result: String,
+    /// Seconds since the epoch when the freeze began.
+    pub started_at: u64,
+    /// Freeze to thaw, in milliseconds (0 when the freeze failed).
+    pub window_ms: u64,
+    /// Filesystems frozen.
+    pub filesystems: usize,
+    /// Toolkits that quiesced.
+    pub toolkits: Vec<String>,
+    /// What failed, when something did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+struct Frozen {
+    mountpoints: Vec<PathBuf>,
+    toolkits: Vec<Toolkit>,
+    at: Instant,
+    started_at: u64,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct State {
+    frozen: Option<Frozen>,
+    last_freeze: Option<FreezeReport>,
+    generation: u64,
+}
+
+/// What to send back for one request.
+#[derive(Debug, PartialEq)]
+pub enum Reply {
+    /// These bytes.
+    Send(Vec<u8>),
+    /// Nothing (guest-shutdown answers only by going away).
+    Nothing,
+}
+
+/// The agent: shared by the transport loop and the auto-thaw timer.
+#[derive(Clone)]
+pub struct Agent {
+    config: AgentConfig,
+    state: Arc<Mutex<State>>,
+    exec: ExecTable,
+    started: Instant,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncArgs {
+    id: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeListArgs {
+    #[serde(default)]
+    mountpoints: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownArgs {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecStatusArgs {
+    pid: u32,
+}
+
+impl Agent {
+    /// A new agent with nothing frozen.
+    pub fn new(config: AgentConfig) -> Self {
+        Agent {
+            config,
+            state: Arc::new(Mutex::new(State::default())),
+            exec: ExecTable::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, request: Request) -> Reply {
+        let id = request.id.clone();
+        if request.execute == "guest-shutdown" {
+            return match parse::<ShutdownArgs>(&request) {
+                Ok(args) => Reply::Send(encode_error(
+                    &system::shutdown(args.mode.as_deref()),
+                    id.as_ref(),
+                )),
+                Err(e) => Reply::Send(encode_error(&e, id.as_ref())),
+            };
+        }
+        match self.dispatch(&request) {
+            Ok(value) if request.execute == "guest-sync-delimited" => {
+                let mut bytes = vec![DELIMITER];
+                bytes.extend(encode_return(value, id.as_ref()));
+                Reply::Send(bytes)
+            }
+            Ok(value) => Reply::Send(encode_return(value, id.as_ref())),
+            Err(e) => Reply::Send(encode_error(&e, id.as_ref())),
+        }
+    }
+
+    fn dispatch(&self, request: &Request) -> Result<Value, CommandError> {
+        match request.execute.as_str() {
+            "guest-sync" | "guest-sync-delimited" => Ok(json!(parse::<SyncArgs>(request)?.id)),
+            "guest-ping" => Ok(json!({})),
+            "guest-info" => Ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "supported_commands": COMMANDS.iter().map(|name| json!({
+                    "name": name, "enabled": true, "success-response": *name != "guest-shutdown",
+                })).collect::<Vec<_>>(),
+            })),
+            "guest-get-osinfo" => Ok(system::osinfo()),
+            "guest-get-fsinfo" => system::fsinfo(),
+            "guest-fsfreeze-status" => Ok(json!(if self.lock().frozen.is_some() {
+                "frozen"
+            } else {
+                "thawed"
+            })),
+            "guest-fsfreeze-freeze" => self.freeze(None),
+            "guest-fsfreeze-freeze-list" => {
+                let args = parse::<FreezeListArgs>(request)?;
+                self.freeze(args.mountpoints)
+            }
+            "guest-fsfreeze-thaw" => self.thaw("thawed"),
+            "guest-exec" => self.exec.start(parse::<ExecArgs>(request)?),
+            "guest-exec-status" => self.exec.status(parse::<ExecStatusArgs>(request)?.pid),
+            "sealvm-toolkits" => Ok(self.toolkits_report()),
+            "sealvm-heartbeat" => Ok(self.heartbeat()),
+            other => Err(CommandError {
+                class: ErrorClass::CommandNotFound,
+                desc: format!("The command {other} has not been found"),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Quiesces detected applications, then freezes the filesystems; returns the count.
+    fn freeze(&self, only: Option<Vec<String>>) -> Result<Value, CommandError> {
+        let mut state = self.lock();
+        if state.frozen.is_some() {
+            return Err(CommandError::generic(
+                "Command guest-fsfreeze-freeze has been disabled: the filesystems are already frozen",
+            ));
+        }
+        let started_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut report = FreezeReport {
+            result: "failed".into(),
+            started_at,
+            window_ms: 0,
+            filesystems: 0,
+            toolkits: Vec::new(),
+            error: None,
+        };
+        let fail = |state: &mut State, mut report: FreezeReport, error: CommandError| {
+            report.error = Some(error.desc.clone());
+            state.last_freeze = Some(report);
+            Err(error)
+        };
+        let mountpoints = match fsfreeze::candidates(only.as_deref()) {
+            Ok(m) => m,
+            Err(e) => return fail(&mut state, report, CommandError::generic(e.to_string())),
+        };
+        let detected: Vec<Toolkit> = toolkits::all(&self.config.toolkits_dir)
+            .into_iter()
+            .filter(Toolkit::detected)
+            .collect();
+        let mut quiesced: Vec<Toolkit> = Vec::new();
+        for toolkit in detected {
+            if let Err(failure) = toolkit.quiesce(self.config.script_timeout) {
+                tracing::warn!(toolkit = %toolkit.name, "quiesce failed; freeze aborted");
+                self.resume_all(&quiesced);
+                return fail(
+                    &mut state,
+                    report,
+                    CommandError::generic(failure.to_string()),
+                );
+            }
+            quiesced.push(toolkit);
+        }
+        let frozen = match fsfreeze::freeze(&mountpoints) {
+            Ok(frozen) => frozen,
+            Err(e) => {
+                self.resume_all(&quiesced);
+                return fail(&mut state, report, CommandError::generic(e.to_string()));
+            }
+        };
+        let count = frozen.len();
+        state.generation += 1;
+        let generation = state.generation;
+        report.toolkits = quiesced.iter().map(|t| t.name.clone()).collect();
+        tracing::info!(filesystems = count, toolkits = ?report.toolkits, "frozen");
+        state.frozen = Some(Frozen {
+            mountpoints: frozen,
+            toolkits: quiesced,
+            at: Instant::now(),
+            started_at,
+            generation,
+        });
+        drop(state);
+        let agent = self.clone();
+        let timeout = self.config.freeze_timeout;
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            let still_frozen = agent
+                .lock()
+                .frozen
+                .as_ref()
+                .is_some_and(|f| f.generation == generation);
+            if still_frozen {
+                tracing::warn!(
+                    timeout_s = timeout.as_secs(),
+                    "freeze not thawed in time; thawing"
+                );
+                let _ = agent.thaw("auto-thawed");
+            }
+        });
+        Ok(json!(count))
+    }
+
+    /// Thaws what this agent froze (or, when it froze nothing, any frozen filesystem), then
+    /// resumes the quiesced applications; returns the count thawed.
+    fn thaw(&self, result: &str) -> Result<Value, CommandError> {
+        let mut state = self.lock();
+        let Some(frozen) = state.frozen.take() else {
+            let count = fsfreeze::thaw_all().map_err(|e| CommandError::generic(e.to_string()))?;
+            return Ok(json!(count));
+        };
+        let count = fsfreeze::thaw(&frozen.mountpoints);
+        let window = frozen.at.elapsed();
+        self.resume_all(&frozen.toolkits);
+        tracing::info!(result, window_ms = window.as_millis() as u64, "thawed");
+        state.last_freeze = Some(FreezeReport {
+            result: result.into(),
+            started_at: frozen.started_at,
+            window_ms: window.as_millis() as u64,
+            filesystems: frozen.mountpoints.len(),
+            toolkits: frozen.toolkits.iter().map(|t| t.name.clone()).collect(),
+            error: None,
+        });
+        Ok(json!(count))
+    }
+
+    /// Thaws if frozen: the host went away and cannot thaw any more.
+    pub fn thaw_on_disconnect(&self) {
+        if self.lock().frozen.is_some() {
+            tracing::warn!("host disconnected while frozen; thawing");
+            let _ = self.thaw("thawed-on-disconnect");
+        }
+    }
+
+    fn resume_all(&self, toolkits: &[Toolkit]) {
+        for toolkit in toolkits.iter().rev() {
+            if let Err(failure) = toolkit.resume(self.config.script_timeout) {
+                tracing::warn!(%failure, "resume script failed");
+            }
+        }
+    }
+
+    fn toolkits_report(&self) -> Value {
+        let list: Vec<Value> = toolkits::all(&self.config.toolkits_dir)
+            .into_iter()
+            .map(|t| {
+                let detected = t.detected();
+                let mut entry = serde_json::to_value(&t).unwrap_or(Value::Null);
+                entry["detected"] = json!(detected);
+                entry
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    fn heartbeat(&self) -> Value {
+        let uptime = std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let state = self.lock();
+        json!({
+            "uptime-seconds": uptime,
+            "agent-uptime-seconds": self.started.elapsed().as_secs_f64(),
+            "frozen": state.frozen.is_some(),
+            "last-freeze": state.last_freeze,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+}
+
+/// Parses a request's arguments into `T`; a missing argument object counts as `{}`.
+fn parse<T: for<'de> Deserialize<'de>>(request: &Request) -> Result<T, CommandError> {
+    let args = request.arguments.clone().unwrap_or_else(|| json!({}));
+    serde_json::from_value(args).map_err(|e| {
+        CommandError::generic(format!("Invalid arguments for {}: {e}", request.execute))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(agent: &Agent, text: &str) -> Value {
+        let request: Request = serde_json::from_str(text).unwrap();
+        match agent.handle(request) {
+            Reply::Send(bytes) => {
+                let start = usize::from(bytes.first() == Some(&DELIMITER));
+                serde_json::from_slice(&bytes[start..]).unwrap()
+            }
+            Reply::Nothing => Value::Null,
+        }
+    }
+
+    #[test]
+    fn sync_ping_info_and_unknown_commands() {
+        let agent = Agent::new(AgentConfig::default());
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-sync","arguments":{"id":42}}"#),
+            json!({"return": 42})
+        );
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-ping","id":"a"}"#),
+            json!({"return": {}, "id": "a"})
+        );
+        let info = answer(&agent, r#"{"execute":"guest-info"}"#);
+        let names: Vec<&str> = info["return"]["supported_commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, COMMANDS);
+        let unknown = answer(&agent, r#"{"execute":"guest-frobnicate"}"#);
+        assert_eq!(unknown["error"]["class"], "CommandNotFound");
+        let bad_args = answer(&agent, r#"{"execute":"guest-sync","arguments":{"id":"x"}}"#);
+        assert_eq!(bad_args["error"]["class"], "GenericError");
+    }
+
+    #[test]
+    fn sync_delimited_answer_starts_with_the_delimiter() {
+        let agent = Agent::new(AgentConfig::default());
+        let request: Request =
+            serde_json::from_str(r#"{"execute":"guest-sync-delimited","arguments":{"id":9}}"#)
+                .unwrap();
+        let Reply::Send(bytes) = agent.handle(request) else {
+            panic!()
+        };
+        assert_eq!(bytes[0], DELIMITER);
+        assert_eq!(&bytes[1..], b"{\"return\":9}\n");
+    }
+
+    #[test]
+    fn exec_runs_a_program_and_returns_its_output() {
+        let agent = Agent::new(AgentConfig::default());
+        let started = answer(
+            &agent,
+            r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","read x; echo out-$x; echo err >&2; exit 3"],"input-data":"aGk=","capture-output":true}}"#,
+        );
+        let pid = started["return"]["pid"].as_u64().unwrap();
+        let status = loop {
+            let s = answer(
+                &agent,
+                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
+            );
+            if s["return"]["exited"] == json!(true) {
+                break s["return"].clone();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status["exitcode"], 3);
+        assert_eq!(status["out-data"], json!("b3V0LWhpCg==")); // "out-hi\n"
+        assert_eq!(status["err-data"], json!("ZXJyCg==")); // "err\n"
+        let gone = answer(
+            &agent,
+            &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
+        );
+        assert!(gone["error"]["desc"].as_str().unwrap().contains("pid"));
+        let missing = answer(
+            &agent,
+            r#"{"execute":"guest-exec","arguments":{"path":"/no/such/program"}}"#,
+        );
+        assert_eq!(missing["error"]["class"], "GenericError");
+    }
+
+    #[test]
+    fn failing_toolkit_aborts_the_freeze_and_names_the_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let kit = dir.path().join("broken-app");
+        std::fs::create_dir(&kit).unwrap();
+        std::fs::write(kit.join("detect"), "file /\n").unwrap();
+        let quiesce = kit.join("quiesce");
+        std::fs::write(&quiesce, "#!/bin/sh\necho cannot-quiesce\nexit 7\n").unwrap();
+        std::fs::write(kit.join("resume"), "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&quiesce, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(kit.join("resume"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let agent = Agent::new(AgentConfig {
+            toolkits_dir: dir.path().to_path_buf(),
+            ..AgentConfig::default()
+        });
+        // Freeze only a mountpoint list that exists so nothing on the host really freezes:
+        // the toolkit fails first.
+        let answer = answer(
+            &agent,
+            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/"]}}"#,
+        );
+        let desc = answer["error"]["desc"].as_str().unwrap();
+        assert!(
+            desc.contains("broken-app")
+                && desc.contains("quiesce")
+                && desc.contains("cannot-quiesce"),
+            "{desc}"
+        );
+        let status = super::tests::answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#);
+        assert_eq!(status["return"], "thawed");
+        let heartbeat = super::tests::answer(&agent, r#"{"execute":"sealvm-heartbeat"}"#);
+        assert_eq!(heartbeat["return"]["last-freeze"]["result"], "failed");
+    }
+}

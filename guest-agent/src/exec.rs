@@ -1,0 +1,165 @@
+//! guest-exec and guest-exec-status: run a program in the guest and collect its exit
+//! status and (base64) output later, as qemu-guest-agent does.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::protocol::CommandError;
+
+/// Most bytes kept of a program's stdout or stderr (qga keeps 16 MiB).
+const OUTPUT_LIMIT: u64 = 16 << 20;
+
+/// Arguments of guest-exec.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ExecArgs {
+    /// The program.
+    pub path: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub arg: Vec<String>,
+    /// `NAME=VALUE` environment entries.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Base64 bytes fed to stdin.
+    #[serde(default)]
+    pub input_data: Option<String>,
+    /// Collect stdout and stderr.
+    #[serde(default)]
+    pub capture_output: Option<bool>,
+}
+
+struct Running {
+    child: Child,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// Programs started by guest-exec whose status has not been collected yet.
+#[derive(Default, Clone)]
+pub struct ExecTable {
+    running: Arc<Mutex<HashMap<u32, Running>>>,
+}
+
+impl ExecTable {
+    /// Starts a program; returns `{"pid": N}`.
+    pub fn start(&self, args: ExecArgs) -> Result<Value, CommandError> {
+        let input =
+            match &args.input_data {
+                Some(data) => Some(BASE64.decode(data).map_err(|e| {
+                    CommandError::generic(format!("input-data is not base64: {e}"))
+                })?),
+                None => None,
+            };
+        let capture = args.capture_output.unwrap_or(false);
+        let mut command = Command::new(&args.path);
+        command.args(&args.arg);
+        for entry in &args.env {
+            if let Some((name, value)) = entry.split_once('=') {
+                command.env(name, value);
+            }
+        }
+        command.stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let out = || {
+            if capture {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            }
+        };
+        command.stdout(out()).stderr(out());
+        let mut child = command.spawn().map_err(|e| {
+            CommandError::generic(format!(
+                "Failed to execute child process '{}': {e}",
+                args.path
+            ))
+        })?;
+        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            });
+        }
+        let collect = |stream: Option<Box<dyn Read + Send>>| {
+            stream.map(|s| {
+                std::thread::spawn(move || {
+                    let mut data = Vec::new();
+                    let _ = s.take(OUTPUT_LIMIT).read_to_end(&mut data);
+                    data
+                })
+            })
+        };
+        let stdout = collect(
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let stderr = collect(
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let pid = child.id();
+        self.running
+            .lock()
+            .map_err(|_| CommandError::generic("exec table poisoned"))?
+            .insert(
+                pid,
+                Running {
+                    child,
+                    stdout,
+                    stderr,
+                },
+            );
+        Ok(json!({ "pid": pid }))
+    }
+
+    /// The status of a started program; once it has exited, the entry is dropped.
+    pub fn status(&self, pid: u32) -> Result<Value, CommandError> {
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| CommandError::generic("exec table poisoned"))?;
+        let entry = running
+            .get_mut(&pid)
+            .ok_or_else(|| CommandError::generic(format!("Invalid parameter 'pid' ({pid})")))?;
+        let status = entry
+            .child
+            .try_wait()
+            .map_err(|e| CommandError::generic(format!("cannot wait for {pid}: {e}")))?;
+        let Some(status) = status else {
+            return Ok(json!({ "exited": false }));
+        };
+        let mut entry = running.remove(&pid).expect("entry was just found");
+        let mut answer = serde_json::Map::new();
+        answer.insert("exited".into(), json!(true));
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => answer.insert("exitcode".into(), json!(code)),
+            (None, Some(signal)) => answer.insert("signal".into(), json!(signal)),
+            (None, None) => None,
+        };
+        for (key, handle) in [
+            ("out-data", entry.stdout.take()),
+            ("err-data", entry.stderr.take()),
+        ] {
+            if let Some(handle) = handle {
+                let data = handle.join().unwrap_or_default();
+                answer.insert(key.into(), json!(BASE64.encode(&data)));
+            }
+        }
+        Ok(Value::Object(answer))
+    }
+}
