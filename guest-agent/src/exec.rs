@@ -155,8 +155,11 @@ impl ExecTable {
             ("out-data", entry.stdout.take()),
             ("err-data", entry.stderr.take()),
         ] {
-            if let Some(handle) = handle {
-                let data = handle.join().unwrap_or_default();
+            // qemu-guest-agent leaves a stream out when it printed nothing.
+            let data = handle
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default();
+            if !data.is_empty() {
                 answer.insert(key.into(), json!(BASE64.encode(&data)));
             }
         }

@@ -12,8 +12,12 @@ use sealvm_testkit::{GuestImages, Workspace};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Raise this when the layout of the initramfs changes in a way the inputs do not show.
-const LAYOUT_VERSION: &str = "1";
+/// The code that lays out the image is an input too: changing it rebuilds the image.
+const BUILDER_SOURCE: [&str; 3] = [
+    include_str!("linux_guest.rs"),
+    include_str!("kernel.rs"),
+    include_str!("../cpio.rs"),
+];
 
 /// The host's busybox-static binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -34,15 +38,21 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
         .map(str::to_string)
         .collect();
     let modules = kernel::modules_in_load_order(&kernel.modules_dir, &wanted)?;
+    let host_files = host_programs(&recipe.join("host-programs"))?;
 
     let mut digest = InputDigest::default();
-    digest.bytes("layout", LAYOUT_VERSION.as_bytes());
+    for source in BUILDER_SOURCE {
+        digest.bytes("builder", source.as_bytes());
+    }
     digest.bytes("kernel", kernel.package.as_bytes());
     digest.file("init", &recipe.join("init"))?;
     digest.file("busybox", Path::new(BUSYBOX))?;
     digest.file("agent", &agent)?;
     for (name, _) in &modules {
         digest.bytes("module", name.as_bytes());
+    }
+    for file in &host_files {
+        digest.file(&file.display().to_string(), file)?;
     }
     let digest = digest.finish();
 
@@ -64,7 +74,7 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
     let partial = out.join("initramfs.cpio.gz.partial");
     let file = std::fs::File::create(&partial)?;
     let mut archive = Archive::new(GzEncoder::new(file, Compression::default()));
-    for dir in [
+    let mut dirs: Vec<String> = [
         "bin",
         "dev",
         "etc",
@@ -76,7 +86,26 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
         "run",
         "sys",
         "tmp",
-    ] {
+        "var",
+        "var/run",
+    ]
+    .iter()
+    .map(|d| d.to_string())
+    .collect();
+    for file in &host_files {
+        for ancestor in file.ancestors().skip(1) {
+            let dir = ancestor
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .to_string();
+            if !dir.is_empty() && !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    // Parents before children.
+    dirs.sort_by_key(|d| d.matches('/').count());
+    for dir in &dirs {
         archive.dir(dir)?;
     }
     // The kernel opens /dev/console before init mounts devtmpfs.
@@ -96,10 +125,51 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
         order.push('\n');
     }
     archive.file("etc/modules.order", 0o644, order.as_bytes())?;
+    for file in &host_files {
+        let name = file.to_string_lossy();
+        archive.file(name.trim_start_matches('/'), 0o755, &std::fs::read(file)?)?;
+    }
     archive.finish()?.finish()?.sync_all()?;
     std::fs::rename(&partial, &images.initramfs)?;
     stamp.record(&digest)?;
     Ok(images)
+}
+
+/// The programs listed in `list` and every shared library `ldd` says they load, as absolute
+/// host paths with symlinks resolved to the file's real content (kept at the linked name).
+fn host_programs(list: &Path) -> Result<Vec<PathBuf>> {
+    let text =
+        std::fs::read_to_string(list).with_context(|| format!("cannot read {}", list.display()))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for program in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let program = PathBuf::from(program);
+        if !program.is_file() {
+            bail!(
+                "{} is missing on this host; run `cargo xtask setup` to install it",
+                program.display()
+            );
+        }
+        let ldd = crate::process::output(Command::new("ldd").arg(&program))?;
+        files.push(program);
+        for line in ldd.lines() {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux... (0x...)"
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(path) = path.filter(|p| p.starts_with('/')) {
+                let path = PathBuf::from(path);
+                if !files.contains(&path) {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    Ok(files)
 }
 
 /// Builds sealvm-agent statically linked for the guest, in its own target folder so the
