@@ -234,9 +234,10 @@ impl Agent {
             Ok(m) => m,
             Err(e) => return fail(&mut state, report, CommandError::generic(e.to_string())),
         };
+        let system = toolkits::SystemView::read();
         let detected: Vec<Toolkit> = toolkits::all(&self.config.toolkits_dir)
             .into_iter()
-            .filter(Toolkit::detected)
+            .filter(|t| t.detected(&system))
             .collect();
         let mut quiesced: Vec<Toolkit> = Vec::new();
         for toolkit in detected {
@@ -331,10 +332,11 @@ impl Agent {
     }
 
     fn toolkits_report(&self) -> Value {
+        let system = toolkits::SystemView::read();
         let list: Vec<Value> = toolkits::all(&self.config.toolkits_dir)
             .into_iter()
             .map(|t| {
-                let detected = t.detected();
+                let detected = t.detected(&system);
                 let mut entry = serde_json::to_value(&t).unwrap_or(Value::Null);
                 entry["detected"] = json!(detected);
                 entry

@@ -10,6 +10,7 @@
 //! with the same name as a built-in replaces it.
 
 use serde::Serialize;
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,13 +53,62 @@ impl DetectRule {
         }
     }
 
-    /// True when the rule matches on this system now.
-    pub fn matches(&self) -> bool {
+    /// True when the rule matches `system`.
+    pub fn matches(&self, system: &SystemView) -> bool {
         match self {
-            DetectRule::Process(name) => process_running(name),
-            DetectRule::Port(port) => tcp_listening(*port),
-            DetectRule::Socket(path) => unix_socket_listed(path),
+            DetectRule::Process(name) => system.processes.contains(name),
+            DetectRule::Port(port) => system.listening_ports.contains(port),
+            DetectRule::Socket(path) => system
+                .unix_sockets
+                .contains(path.to_string_lossy().as_ref()),
             DetectRule::File(path) => path.exists(),
+        }
+    }
+}
+
+/// What detect rules look at, read once per freeze (the freeze waits for it): running
+/// process names, listening TCP ports and bound unix sockets.
+#[derive(Debug, Default)]
+pub struct SystemView {
+    processes: HashSet<String>,
+    listening_ports: HashSet<u16>,
+    unix_sockets: HashSet<String>,
+}
+
+impl SystemView {
+    /// Reads /proc now.
+    pub fn read() -> Self {
+        let processes = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .bytes()
+                            .all(|b| b.is_ascii_digit())
+                    })
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                    .map(|comm| comm.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let listening_ports = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .flat_map(|text| listening_ports(&text))
+            .collect();
+        let unix_sockets = std::fs::read_to_string("/proc/net/unix")
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().nth(7).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        SystemView {
+            processes,
+            listening_ports,
+            unix_sockets,
         }
     }
 }
@@ -103,9 +153,9 @@ pub struct ScriptFailure {
 }
 
 impl Toolkit {
-    /// True when any detect rule matches.
-    pub fn detected(&self) -> bool {
-        self.detect.iter().any(DetectRule::matches)
+    /// True when any detect rule matches `system`.
+    pub fn detected(&self, system: &SystemView) -> bool {
+        self.detect.iter().any(|rule| rule.matches(system))
     }
 
     /// Runs the quiesce script.
@@ -323,25 +373,6 @@ fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
     })
 }
 
-fn process_running(name: &str) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    entries.filter_map(|e| e.ok()).any(|e| {
-        e.file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-            && std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
-    })
-}
-
-fn tcp_listening(port: u16) -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(table).is_ok_and(|text| listening_ports(&text).contains(&port))
-    })
-}
-
 /// The local ports in LISTEN state (0A) in a /proc/net/tcp table.
 fn listening_ports(table: &str) -> Vec<u16> {
     table
@@ -356,14 +387,6 @@ fn listening_ports(table: &str) -> Vec<u16> {
             u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
         })
         .collect()
-}
-
-fn unix_socket_listed(path: &Path) -> bool {
-    let wanted = path.to_string_lossy();
-    std::fs::read_to_string("/proc/net/unix").is_ok_and(|text| {
-        text.lines()
-            .any(|l| l.split_whitespace().nth(7) == Some(&wanted))
-    })
 }
 
 #[cfg(test)]
@@ -445,7 +468,7 @@ mod tests {
         let redis: Vec<_> = all.iter().filter(|t| t.name == "redis").collect();
         assert_eq!(redis.len(), 1);
         assert_eq!(redis[0].detect, vec![DetectRule::File("/".into())]);
-        assert!(redis[0].detected());
+        assert!(redis[0].detected(&SystemView::read()));
         assert!(!all.iter().any(|t| t.name == "incomplete"));
         assert_eq!(all.len(), builtin().len());
     }

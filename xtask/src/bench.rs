@@ -22,8 +22,11 @@ pub struct Row {
 /// Builds the images, runs every benchmark and prints the table.
 pub fn run(workspace: &Workspace) -> Result<()> {
     let built = images::build_all(workspace)?;
-    // Later benchmarks append their rows here, each measured beside its peer.
-    let rows = vec![linux_guest_boot(&built)?];
+    // Each benchmark measures sealvm beside its peer in the same run.
+    let rows = vec![
+        linux_guest_boot(&built)?,
+        crate::bench_agent::freeze_window(&built)?,
+    ];
     print_table(&rows);
     Ok(())
 }
@@ -46,12 +49,14 @@ fn linux_guest_boot(built: &images::Built) -> Result<Row> {
     })
 }
 
-fn median(samples: &mut [Duration]) -> Duration {
+/// The middle sample.
+pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
 
-fn millis(d: Duration) -> f64 {
+/// Milliseconds as a float.
+pub fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
