@@ -1,3 +1,13 @@
 //! sealvm-blk: a vhost-user-blk backend that journals every write, for bookmarks,
 //! point-in-time restore, image access and replication.
+//!
+//! Data flows one way: the vhost-user [`device`] parses guest requests and runs them against
+//! a [`volume`] (a base image and its [`journal`]); [`pit`] reads the journal to rebuild any
+//! point in time; the [`api`] socket makes bookmarks and reports counters.
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod api;
+pub mod device;
+pub mod journal;
+pub mod pit;
+pub mod volume;

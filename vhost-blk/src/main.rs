@@ -1,13 +1,329 @@
-use clap::Parser;
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use sealvm_blk::api::{self, ServedVolume};
+use sealvm_blk::device::BlockDevice;
+use sealvm_blk::journal;
+use sealvm_blk::pit::{self, PointInTime};
+use sealvm_blk::volume::JournaledVolume;
+use sealvm_virtio_blk::{BlockBackend, RawFile};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
 
 /// sealvm-blk — a vhost-user-blk backend that journals every write.
 ///
-/// Serves volumes to QEMU, cloud-hypervisor or sealvm over a vhost-user socket; every write
-/// becomes a journal record for bookmarks, point-in-time recovery and replication.
+/// Serves a volume to QEMU (`-device vhost-user-blk-pci`), cloud-hypervisor or sealvm over
+/// a vhost-user socket. With a journal, every write becomes a journal record and the base
+/// image is never written, so any point in time can be bookmarked and restored.
+///
+/// Example:
+///   sealvm-blk serve --volume web1=web1.raw,journal=web1.journal --socket web1.sock --api-socket web1.api
+///   sealvm-blk bookmark --api-socket web1.api before-upgrade
+///   sealvm-blk pit restore --base web1.raw --journal web1.journal --at before-upgrade --to restored.raw
 #[derive(Parser)]
-#[command(name = "sealvm-blk", version, about, long_about)]
-struct Cli {}
+#[command(name = "sealvm-blk", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// Log more, and print the full error chain.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a volume on a vhost-user socket until interrupted.
+    Serve {
+        /// NAME=PATH[,journal=DIR][,readonly][,write-through]: the raw image to serve; with a
+        /// journal every write is journaled and PATH is never written.
+        #[arg(long)]
+        volume: String,
+        /// The vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// A unix socket for the JSON API (bookmarks, counters).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Request queues (one worker thread each).
+        #[arg(long, default_value_t = 1)]
+        queues: usize,
+    },
+    /// Make a bookmark on a served volume, optionally application-consistent.
+    Bookmark {
+        /// The volume's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Freeze the guest through its agent (the host end of its agent channel) around the
+        /// bookmark, so applications quiesce first.
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
+        /// The bookmark's name.
+        name: String,
+    },
+    /// Points in time: list them, or restore one to a file.
+    Pit {
+        #[command(subcommand)]
+        command: PitCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PitCommand {
+    /// Show how far back the journal reaches and its bookmarks.
+    List {
+        /// The journal directory.
+        #[arg(long)]
+        journal: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the volume as it was at a point in time to a new file.
+    Restore {
+        /// The base image the journal started from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The journal directory.
+        #[arg(long)]
+        journal: PathBuf,
+        /// latest, a sequence number, @UNIX_SECONDS, or a bookmark name.
+        #[arg(long)]
+        at: PointInTime,
+        /// Where to write the restored image (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+struct VolumeSpec {
+    name: String,
+    path: PathBuf,
+    journal: Option<PathBuf>,
+    read_only: bool,
+    write_through: bool,
+}
+
+fn parse_volume(spec: &str) -> anyhow::Result<VolumeSpec> {
+    let mut parts = spec.split(',');
+    let first = parts.next().unwrap_or_default();
+    let Some((name, path)) = first.split_once('=') else {
+        bail!("--volume {spec:?}: expected NAME=PATH[,journal=DIR][,readonly][,write-through]");
+    };
+    let mut volume = VolumeSpec {
+        name: name.into(),
+        path: path.into(),
+        journal: None,
+        read_only: false,
+        write_through: false,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("journal", dir)) => volume.journal = Some(dir.into()),
+            None if option == "readonly" => volume.read_only = true,
+            None if option == "write-through" => volume.write_through = true,
+            _ => bail!("--volume {spec:?}: unknown option {option:?}"),
+        }
+    }
+    if volume.name.is_empty() || volume.path.as_os_str().is_empty() {
+        bail!("--volume {spec:?}: NAME and PATH must not be empty");
+    }
+    Ok(volume)
+}
 
 fn main() {
-    let _cli = Cli::parse();
+    let cli = Cli::parse();
+    let level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(error) = run(cli.command) {
+        if cli.verbose > 0 {
+            eprintln!("sealvm-blk: {error:?}");
+        } else {
+            eprintln!("sealvm-blk: {error:#}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            volume,
+            socket,
+            api_socket,
+            queues,
+        } => serve(parse_volume(&volume)?, socket, api_socket, queues),
+        Command::Bookmark {
+            api_socket,
+            agent_socket,
+            name,
+        } => bookmark(&api_socket, agent_socket.as_deref(), &name),
+        Command::Pit { command } => match command {
+            PitCommand::List { journal, json } => pit_list(&journal, json),
+            PitCommand::Restore {
+                base,
+                journal,
+                at,
+                to,
+            } => {
+                if to.exists() {
+                    bail!("{} exists; restore writes a new file", to.display());
+                }
+                let seq = pit::resolve(&journal, &at)?;
+                let started = Instant::now();
+                pit::restore(&base, &journal, seq, &to, |done, of| {
+                    eprintln!("restore: {done}/{of} records applied");
+                })?;
+                println!(
+                    "restored {} at record {seq} to {} in {:.2} s",
+                    base.display(),
+                    to.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            }
+        },
+    }
+}
+
+fn serve(
+    spec: VolumeSpec,
+    socket: PathBuf,
+    api_socket: Option<PathBuf>,
+    queues: usize,
+) -> anyhow::Result<()> {
+    if !(1..=16).contains(&queues) {
+        bail!("--queues must be 1 to 16");
+    }
+    let (backend, journal): (Arc<dyn BlockBackend>, Option<Arc<JournaledVolume>>) =
+        match &spec.journal {
+            Some(dir) => {
+                if spec.read_only {
+                    bail!("a journaled volume cannot be read-only; drop journal= or readonly");
+                }
+                let (volume, opened) = JournaledVolume::open(&spec.path, dir, spec.write_through)?;
+                tracing::info!(
+                    records = opened.records,
+                    dropped_bytes = opened.dropped_bytes,
+                    journal = %dir.display(),
+                    "journal replayed"
+                );
+                let volume = Arc::new(volume);
+                (volume.clone(), Some(volume))
+            }
+            None => (Arc::new(RawFile::open(&spec.path, spec.read_only)?), None),
+        };
+    let device = Arc::new(BlockDevice::new(backend, spec.read_only, queues));
+    if let Some(api_socket) = &api_socket {
+        api::spawn(
+            api_socket,
+            ServedVolume {
+                name: spec.name.clone(),
+                path: spec.path.clone(),
+                device: device.clone(),
+                journal,
+            },
+        )
+        .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
+    }
+    tracing::info!(volume = %spec.name, socket = %socket.display(), "serving");
+    // One frontend at a time; when it disconnects, wait for the next (a rebooted VM).
+    loop {
+        let mut daemon = VhostUserDaemon::new(
+            format!("sealvm-blk-{}", spec.name),
+            device.clone(),
+            GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
+        daemon.serve(&socket).map_err(|e| {
+            anyhow::anyhow!("vhost-user connection on {} failed: {e}", socket.display())
+        })?;
+        tracing::info!("frontend disconnected; waiting for the next one");
+    }
+}
+
+fn bookmark(
+    api_socket: &std::path::Path,
+    agent: Option<&std::path::Path>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let Some(agent) = agent else {
+        let made = api::call(api_socket, json!({"command": "bookmark", "name": name}))?;
+        println!("{}", serde_json::to_string_pretty(&made)?);
+        return Ok(());
+    };
+    let timeout = Duration::from_secs(60);
+    let mut client = sealvm_agent::AgentClient::connect(agent, timeout)
+        .context("cannot reach the guest agent")?;
+    let started = Instant::now();
+    let frozen = client
+        .execute("guest-fsfreeze-freeze", None, timeout)
+        .context("the guest could not be frozen; no bookmark was made")?;
+    let made = api::call(api_socket, json!({"command": "bookmark", "name": name}));
+    // Thaw whatever happened to the bookmark.
+    let thawed = client.execute("guest-fsfreeze-thaw", None, timeout);
+    let window = started.elapsed();
+    let made = made?;
+    thawed.context("thaw failed after the bookmark")?;
+    let report = client.execute("sealvm-heartbeat", None, timeout).ok();
+    let toolkits = report
+        .as_ref()
+        .and_then(|r| r.get("last-freeze"))
+        .and_then(|f| f.get("toolkits"))
+        .cloned()
+        .unwrap_or(json!([]));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "bookmark": made,
+            "application-consistent": true,
+            "filesystems-frozen": frozen,
+            "toolkits": toolkits,
+            "freeze-window-ms": window.as_millis() as u64,
+        }))?
+    );
+    Ok(())
+}
+
+fn pit_list(journal_dir: &std::path::Path, as_json: bool) -> anyhow::Result<()> {
+    let summary = journal::scan(journal_dir, |_, _, _| true)?;
+    let bookmarks = journal::bookmarks(journal_dir)?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "records": summary.records,
+                "first-seq": if summary.records > 0 { 1 } else { 0 },
+                "last-seq": summary.last_seq,
+                "oldest-time-ns": summary.first_time_ns,
+                "newest-time-ns": summary.last_time_ns,
+                "torn-tail-bytes": summary.dropped_len,
+                "bookmarks": bookmarks,
+            }))?
+        );
+    } else {
+        println!(
+            "{} records, seq 1..{}, {:.3} s of history",
+            summary.records,
+            summary.last_seq,
+            summary.last_time_ns.saturating_sub(summary.first_time_ns) as f64 / 1e9
+        );
+        for b in bookmarks {
+            println!(
+                "bookmark {:<24} seq {:>10}  @{:.3}",
+                b.name,
+                b.seq,
+                b.time_ns as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
 }
