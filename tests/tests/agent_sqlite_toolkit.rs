@@ -1,49 +1,85 @@
-//! The SQLite toolkit makes a snapshot application-consistent: with it, the database file
-//! in a snapshot taken while the guest is frozen holds every committed row by itself and
-//! its write-ahead log is empty (it opens without recovery); without it, the same snapshot
-//! has the newest rows only in the log.
-//!
-//! The snapshot is a copy of the raw disk taken on the host while the guest is frozen,
-//! standing in for a sealvm-blk bookmark until that exists.
+//! Application-consistent bookmarks: the guest's disk is served by sealvm-blk, and
+//! `sealvm-blk bookmark --agent-socket` quiesces the applications, freezes, bookmarks and
+//! thaws through sealvm-agent. With the SQLite toolkit, the database file restored at the
+//! bookmark holds every committed row by itself and its write-ahead log is empty (it opens
+//! without recovery); without it, the same flow leaves the newest rows only in the log.
 
-use sealvm_agent::AgentClient;
 use sealvm_testkit::{QemuGuest, QemuGuestBuilder, Workspace};
-use serde_json::json;
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+struct Server(Child);
 
-/// Freezes through the agent, copies the disk, thaws; returns what the freeze reported.
-fn snapshot(client: &mut AgentClient, disk: &Path, to: &Path) -> serde_json::Value {
-    assert_eq!(
-        client
-            .execute("guest-fsfreeze-freeze", None, TIMEOUT)
-            .unwrap(),
-        json!(1)
-    );
-    std::fs::copy(disk, to).unwrap();
-    client
-        .execute("guest-fsfreeze-thaw", None, TIMEOUT)
-        .unwrap();
-    client.execute("sealvm-heartbeat", None, TIMEOUT).unwrap()["last-freeze"].clone()
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-/// Reads a file out of an ext4 image with debugfs; None when it does not exist.
-fn extract(image: &Path, name: &str, to: &Path) -> Option<u64> {
-    let _ = std::fs::remove_file(to);
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump /{name} {}", to.display()))
-        .arg(image)
+fn sealvm_blk() -> PathBuf {
+    Workspace::locate()
+        .binary("sealvm-blk")
+        .expect("sealvm-blk built")
+}
+
+/// Makes an application-consistent bookmark and returns the command's report.
+fn consistent_bookmark(api: &Path, agent: &Path, name: &str) -> Value {
+    let out = Command::new(sealvm_blk())
+        .args(["bookmark", "--api-socket"])
+        .arg(api)
+        .arg("--agent-socket")
+        .arg(agent)
+        .arg(name)
         .output()
-        .expect("debugfs");
-    assert!(out.status.success());
-    to.exists().then(|| std::fs::metadata(to).unwrap().len())
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Rows in table t of the database file alone (no WAL beside it), opened read-only.
+/// Restores the volume at `bookmark` and extracts the database and its WAL from it.
+fn restore_db(dir: &Path, base: &Path, journal: &Path, bookmark: &str) -> (PathBuf, u64) {
+    let image = dir.join(format!("{bookmark}.ext4"));
+    let out = Command::new(sealvm_blk())
+        .args(["pit", "restore", "--base"])
+        .arg(base)
+        .arg("--journal")
+        .arg(journal)
+        .args(["--at", bookmark, "--to"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = dir.join(format!("{bookmark}.db"));
+    let wal = dir.join(format!("{bookmark}.db-wal"));
+    for (name, to) in [("app.db", &db), ("app.db-wal", &wal)] {
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump /{name} {}", to.display()))
+            .arg(&image)
+            .output()
+            .expect("debugfs");
+        assert!(out.status.success());
+    }
+    assert!(
+        db.exists(),
+        "no database in the volume restored at {bookmark}"
+    );
+    let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    (db, wal_len)
+}
+
+/// Rows in table t of the database file alone (no WAL beside it), after an integrity check.
 fn rows_in_main_file(db: &Path) -> i64 {
     let out = Command::new("sqlite3")
         .arg(format!("file:{}?immutable=1", db.display()))
@@ -55,37 +91,63 @@ fn rows_in_main_file(db: &Path) -> i64 {
     assert_eq!(
         lines.next(),
         Some("ok"),
-        "integrity check: {text} {}",
+        "integrity: {text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
     lines.next().unwrap().parse().unwrap()
 }
 
 fn app(guest: &QemuGuest, sql: &str) {
-    // The application keeps its connection open on fd 3, as a real service would.
+    // The application keeps its connection open on fd 3, as a running service would.
     let (out, status) = guest.run(&format!("echo \"{sql}\" >&3")).unwrap();
     assert_eq!(status, 0, "{out}");
 }
 
 #[test]
-fn sqlite_toolkit_snapshot_holds_every_row_without_recovery() {
+fn sqlite_toolkit_makes_the_bookmark_open_without_recovery() {
     let images = Workspace::locate().linux_guest().expect("guest images");
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let disk = dir.path().join("data.ext4");
-    std::fs::File::create(&disk)
+    let base = dir.path().join("data.ext4");
+    std::fs::File::create(&base)
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
     assert!(Command::new("mkfs.ext4")
         .args(["-q", "-F"])
-        .arg(&disk)
+        .arg(&base)
         .status()
         .unwrap()
         .success());
+    let journal = dir.path().join("data.journal");
+    let (socket, api, agent) = (
+        dir.path().join("blk.sock"),
+        dir.path().join("blk.api"),
+        dir.path().join("agent.sock"),
+    );
+    let _server = Server(
+        Command::new(sealvm_blk())
+            .arg("serve")
+            .arg("--volume")
+            .arg(format!(
+                "data={},journal={}",
+                base.display(),
+                journal.display()
+            ))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--api-socket")
+            .arg(&api)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(socket.exists() && api.exists()) {
+        assert!(Instant::now() < deadline, "sealvm-blk did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let guest = QemuGuestBuilder::new(images)
-        .agent_channel(&socket)
-        .raw_disk(&disk)
+        .vhost_user_blk(&socket)
+        .agent_channel(&agent)
         .spawn()
         .unwrap();
     guest.wait_ready().unwrap();
@@ -94,47 +156,42 @@ fn sqlite_toolkit_snapshot_holds_every_row_without_recovery() {
         .unwrap();
     assert_eq!(status, 0, "{out}");
     app(&guest, "INSERT INTO t VALUES (1),(2),(3);");
-    let mut client = AgentClient::connect(&socket, TIMEOUT).unwrap();
 
-    // Crash-consistent: no toolkit knows the database, the rows sit in the WAL only.
-    let plain = dir.path().join("plain.ext4");
-    let report = snapshot(&mut client, &disk, &plain);
+    // Frozen but without the toolkit: the rows sit in the WAL only.
+    let report = consistent_bookmark(&api, &agent, "frozen-only");
     assert_eq!(report["toolkits"], json!([]));
-    let db = dir.path().join("app.db");
-    let wal = dir.path().join("app.db-wal");
-    extract(&plain, "app.db", &db).expect("database file in the snapshot");
-    assert!(
-        extract(&plain, "app.db-wal", &wal).unwrap_or(0) > 0,
-        "the WAL should hold the rows"
-    );
+    assert_eq!(report["filesystems-frozen"], 1);
+    let (db, wal_len) = restore_db(dir.path(), &base, &journal, "frozen-only");
+    assert!(wal_len > 0, "the WAL should hold the rows");
     assert_eq!(
         rows_in_main_file(&db),
         0,
         "rows reached the main file without a checkpoint"
     );
 
-    // Application-consistent: the sqlite toolkit checkpoints before the freeze.
+    // With the SQLite toolkit: checkpointed before the freeze.
     let (_, status) = guest
         .run("mkdir -p /etc/sealvm-agent && echo /mnt/app.db > /etc/sealvm-agent/sqlite-databases")
         .unwrap();
     assert_eq!(status, 0);
     app(&guest, "INSERT INTO t VALUES (4),(5);");
-    let consistent = dir.path().join("consistent.ext4");
-    let report = snapshot(&mut client, &disk, &consistent);
+    let report = consistent_bookmark(&api, &agent, "app-consistent");
     assert_eq!(report["toolkits"], json!(["sqlite"]));
-    extract(&consistent, "app.db", &db).expect("database file in the snapshot");
+    assert!(report["freeze-window-ms"].as_u64().is_some());
+    app(&guest, "INSERT INTO t VALUES (6);");
+    let (db, wal_len) = restore_db(dir.path(), &base, &journal, "app-consistent");
     assert_eq!(
-        extract(&consistent, "app.db-wal", &wal).unwrap_or(0),
-        0,
-        "WAL not empty: recovery would be needed"
+        wal_len, 0,
+        "WAL not empty: the database would need recovery"
     );
-    assert_eq!(rows_in_main_file(&db), 5);
+    assert_eq!(
+        rows_in_main_file(&db),
+        5,
+        "rows written before the bookmark are missing"
+    );
 
-    // The application kept running through it.
-    app(
-        &guest,
-        "INSERT INTO t VALUES (6); SELECT 'rows=' || count(*) FROM t;",
-    );
+    // The application kept running through both bookmarks.
+    app(&guest, "SELECT 'rows=' || count(*) FROM t;");
     let (out, _) = guest.run("sleep 1; cat /tmp/app.out").unwrap();
     assert!(out.contains("rows=6"), "{out}");
     guest.shutdown().unwrap();

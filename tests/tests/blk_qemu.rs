@@ -22,7 +22,9 @@ impl Drop for Server {
 }
 
 fn sealvm_blk() -> PathBuf {
-    Workspace::locate().binary("sealvm-blk").expect("sealvm-blk built")
+    Workspace::locate()
+        .binary("sealvm-blk")
+        .expect("sealvm-blk built")
 }
 
 fn serve(volume: &str, socket: &Path, api: &Path) -> Server {
@@ -37,7 +39,10 @@ fn serve(volume: &str, socket: &Path, api: &Path) -> Server {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(socket.exists() && api.exists()) {
-        assert!(Instant::now() < deadline, "sealvm-blk did not create its sockets");
+        assert!(
+            Instant::now() < deadline,
+            "sealvm-blk did not create its sockets"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Server { child }
@@ -66,7 +71,9 @@ fn volumes(api: &Path) -> Value {
     use std::io::{BufRead, Write};
     stream.write_all(b"{\"command\":\"volumes\"}\n").unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line).unwrap();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
     serde_json::from_str::<Value>(&line).unwrap()["return"][0].clone()
 }
 
@@ -75,7 +82,10 @@ fn guest_writes_are_journaled_and_a_bookmark_restores_exactly() {
     let images = Workspace::locate().linux_guest().expect("guest images");
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("vol.raw");
-    std::fs::File::create(&base).unwrap().set_len(VOLUME_MIB << 20).unwrap();
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(VOLUME_MIB << 20)
+        .unwrap();
     let journal = dir.path().join("vol.journal");
     let socket = dir.path().join("vol.sock");
     let api = dir.path().join("vol.api");
@@ -98,8 +108,13 @@ fn guest_writes_are_journaled_and_a_bookmark_restores_exactly() {
     guest_write(&guest, "B", 104, 8);
 
     // The guest reads back its latest data through sealvm-blk.
-    let (read, _) = guest.run("dd if=/dev/vda bs=512 skip=100 count=12 2>/dev/null | od -An -v -c | tr -d ' \\n'").unwrap();
-    assert_eq!(read.trim(), format!("{}{}", "A".repeat(4 * 512), "B".repeat(8 * 512)));
+    let (read, _) = guest
+        .run("dd if=/dev/vda bs=512 skip=100 count=12 2>/dev/null | od -An -v -c | tr -d ' \\n'")
+        .unwrap();
+    assert_eq!(
+        read.trim(),
+        format!("{}{}", "A".repeat(4 * 512), "B".repeat(8 * 512))
+    );
     let counters = volumes(&api);
     assert!(counters["writes"].as_u64().unwrap() >= 2, "{counters}");
     assert!(counters["flushes"].as_u64().unwrap() >= 1, "{counters}");
@@ -113,8 +128,16 @@ fn guest_writes_are_journaled_and_a_bookmark_restores_exactly() {
 
     let restore = |at: &str, to: &Path| {
         let (ok, _, err) = cli(&[
-            "pit", "restore", "--base", base.to_str().unwrap(), "--journal", journal.to_str().unwrap(),
-            "--at", at, "--to", to.to_str().unwrap(),
+            "pit",
+            "restore",
+            "--base",
+            base.to_str().unwrap(),
+            "--journal",
+            journal.to_str().unwrap(),
+            "--at",
+            at,
+            "--to",
+            to.to_str().unwrap(),
         ]);
         assert!(ok, "restore --at {at}: {err}");
         std::fs::read(to).unwrap()
@@ -122,7 +145,10 @@ fn guest_writes_are_journaled_and_a_bookmark_restores_exactly() {
     let first = restore("first", &dir.path().join("first.raw"));
     let mut expected = vec![0u8; (VOLUME_MIB << 20) as usize];
     expected[100 * 512..108 * 512].fill(b'A');
-    assert!(first == expected, "the bookmark does not restore to exactly the first write");
+    assert!(
+        first == expected,
+        "the bookmark does not restore to exactly the first write"
+    );
     let latest = restore("latest", &dir.path().join("latest.raw"));
     expected[104 * 512..112 * 512].fill(b'B');
     assert!(latest == expected, "latest does not hold both writes");
@@ -131,12 +157,26 @@ fn guest_writes_are_journaled_and_a_bookmark_restores_exactly() {
     drop(server);
     let _server = serve(&spec, &socket, &api);
     let images = Workspace::locate().linux_guest().unwrap();
-    let guest = QemuGuestBuilder::new(images).vhost_user_blk(&socket).spawn().unwrap();
+    let guest = QemuGuestBuilder::new(images)
+        .vhost_user_blk(&socket)
+        .spawn()
+        .unwrap();
     guest.wait_ready().unwrap();
-    let (read, _) = guest.run("dd if=/dev/vda bs=512 skip=100 count=12 2>/dev/null | od -An -v -c | tr -d ' \\n'").unwrap();
-    assert_eq!(read.trim(), format!("{}{}", "A".repeat(4 * 512), "B".repeat(8 * 512)));
+    let (read, _) = guest
+        .run("dd if=/dev/vda bs=512 skip=100 count=12 2>/dev/null | od -An -v -c | tr -d ' \\n'")
+        .unwrap();
+    assert_eq!(
+        read.trim(),
+        format!("{}{}", "A".repeat(4 * 512), "B".repeat(8 * 512))
+    );
     guest.shutdown().unwrap();
-    let (ok, out, _) = cli(&["pit", "list", "--journal", journal.to_str().unwrap(), "--json"]);
+    let (ok, out, _) = cli(&[
+        "pit",
+        "list",
+        "--journal",
+        journal.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(ok);
     let listed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["bookmarks"][0]["name"], "first");

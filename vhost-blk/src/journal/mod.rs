@@ -117,7 +117,8 @@ pub fn scan(
             return Ok(summary);
         }
     }
-    summary.dropped_len = total - summary.valid_len;
+    // A live server may append while we read, so the file can outgrow `total`.
+    summary.dropped_len = total.saturating_sub(summary.valid_len);
     Ok(summary)
 }
 
