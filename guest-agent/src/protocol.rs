@@ -261,3 +261,40 @@ mod tests {
         );
     }
 }
+
+/// Feeds arbitrary bytes to a [`Decoder`] in chunks, as a fuzzer or a replayed crash input
+/// does: the first byte picks the chunk size, the rest is the stream. Panics only on a bug.
+pub fn fuzz_decoder(input: &[u8]) {
+    let Some((&chunk, stream)) = input.split_first() else {
+        return;
+    };
+    let chunk = usize::from(chunk).max(1);
+    let mut decoder = Decoder::default();
+    for piece in stream.chunks(chunk) {
+        decoder.push(piece);
+        while let Some(decoded) = decoder.next_message() {
+            if let Decoded::Invalid(error) = decoded {
+                let line = encode_error(&error, None);
+                assert!(line.ends_with(b"\n"));
+            }
+        }
+        assert!(decoder.buffer.len() <= MAX_MESSAGE_LEN + chunk);
+    }
+}
+
+#[cfg(test)]
+mod fuzz_replay {
+    /// Inputs worth keeping: each must decode without a panic.
+    #[test]
+    fn replayed_inputs_decode_cleanly() {
+        for input in [
+            &b""[..],
+            b"\x01{\"execute\":\"guest-ping\"}",
+            b"\x03{{{{[[[\"\\u12",
+            b"\x07\xff\xff{\"execute\":1}\n\xff",
+            b"\x02{\"execute\":\"x\",\"arguments\":{\"a\":[1e999999]}}",
+        ] {
+            super::fuzz_decoder(input);
+        }
+    }
+}
