@@ -1,25 +1,80 @@
-//! `cargo xtask demo`: show the main job, as far as the project has got.
+//! `cargo xtask demo`: show the main job, as far as the project has got: the Linux guest on
+//! a journaled sealvm-blk volume, an application-consistent bookmark through sealvm-agent,
+//! and a deleted file recovered from that point in time.
 
-use crate::process::step;
+use crate::process::{self, step};
 use crate::{images, setup};
-use anyhow::{Context, Result};
-use sealvm_testkit::{Accel, QemuGuestBuilder, Workspace};
+use anyhow::{bail, ensure, Context, Result};
+use sealvm_testkit::{Accel, QemuGuest, QemuGuestBuilder, Workspace};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-/// Installs what is missing, builds the images, and shows sealvm at work.
+/// Installs what is missing, builds the images and binaries, and shows sealvm at work.
 pub fn run(workspace: &Workspace) -> Result<()> {
     setup::run()?;
     let built = images::build_all(workspace)?;
-    linux_guest_boots(&built)
+    step("demo: building the sealvm binaries");
+    process::run(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace.root())
+            .args(["build", "--workspace", "--bins", "--quiet"]),
+    )?;
+    journaled_volume_recovers_a_deleted_file(workspace, &built)
 }
 
-/// Boots the Linux guest under QEMU to its ready line and powers it off.
-fn linux_guest_boots(built: &images::Built) -> Result<()> {
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn journaled_volume_recovers_a_deleted_file(
+    workspace: &Workspace,
+    built: &images::Built,
+) -> Result<()> {
+    let blk = workspace.binary("sealvm-blk")?;
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("orders.ext4");
+    let journal = dir.path().join("orders.journal");
+    let (socket, api, agent) = (
+        dir.path().join("orders.sock"),
+        dir.path().join("orders.api"),
+        dir.path().join("agent.sock"),
+    );
+    std::fs::File::create(&base)?.set_len(64 << 20)?;
+    process::output(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&base))?;
+
+    step("demo: sealvm-blk serves a 64 MiB ext4 volume, journaling every write");
+    let _server = Background(
+        Command::new(&blk)
+            .arg("serve")
+            .arg("--volume")
+            .arg(format!(
+                "orders={},journal={}",
+                base.display(),
+                journal.display()
+            ))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--api-socket")
+            .arg(&api)
+            .spawn()
+            .context("cannot start sealvm-blk")?,
+    );
+    wait_for_paths(&[&socket, &api])?;
+
     let accel = Accel::detect();
     step(&format!(
-        "demo: booting the Linux guest under QEMU (-accel {})",
+        "demo: QEMU (-accel {}) boots the Linux guest on it through vhost-user-blk, with sealvm-agent",
         accel.qemu_name()
     ));
     let guest = QemuGuestBuilder::new(built.linux_guest.clone())
+        .vhost_user_blk(&socket)
+        .agent_channel(&agent)
         .echo_console(true)
         .spawn()?;
     let took = guest
@@ -29,9 +84,83 @@ fn linux_guest_boots(built: &images::Built) -> Result<()> {
         "demo: guest ready after {:.1} s",
         took.as_secs_f64()
     ));
-    let (uname, _) = guest.run("uname -r")?;
-    step(&format!("demo: guest kernel {}", uname.trim()));
+
+    guest_run(&guest, "mount -t ext4 /dev/vda /mnt && echo 'order 1001: 3 widgets' > /mnt/orders.txt && sync && cat /mnt/orders.txt")?;
+
+    step("demo: application-consistent bookmark: the agent freezes the guest, sealvm-blk bookmarks, the agent thaws");
+    let report = process::output(
+        Command::new(&blk)
+            .args(["bookmark", "--api-socket"])
+            .arg(&api)
+            .arg("--agent-socket")
+            .arg(&agent)
+            .arg("before-cleanup"),
+    )?;
+    println!("{}", indent(&report));
+
+    step("demo: someone deletes the file in the guest");
+    guest_run(&guest, "rm /mnt/orders.txt && sync && ls -la /mnt")?;
     guest.shutdown()?;
-    step("demo: guest powered off");
+
+    step("demo: the journal's points in time");
+    println!(
+        "{}",
+        indent(&process::output(
+            Command::new(&blk)
+                .args(["pit", "list", "--journal"])
+                .arg(&journal)
+        )?)
+    );
+
+    step("demo: restore the volume as it was at the bookmark, and read the file back");
+    let restored = dir.path().join("restored.ext4");
+    process::output(
+        Command::new(&blk)
+            .args(["pit", "restore", "--base"])
+            .arg(&base)
+            .arg("--journal")
+            .arg(&journal)
+            .args(["--at", "before-cleanup", "--to"])
+            .arg(&restored),
+    )?;
+    let recovered = process::output(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("cat /orders.txt")
+            .arg(&restored),
+    )?;
+    println!("  orders.txt at before-cleanup: {}", recovered.trim());
+    ensure!(
+        recovered.contains("order 1001"),
+        "the file did not come back from the bookmark"
+    );
+    step("demo: done — the deleted file came back from the application-consistent bookmark");
     Ok(())
+}
+
+fn guest_run(guest: &QemuGuest, command: &str) -> Result<()> {
+    let (out, status) = guest.run(command)?;
+    if status != 0 {
+        bail!("guest command failed ({status}): {command}\n{out}");
+    }
+    Ok(())
+}
+
+fn wait_for_paths(paths: &[&PathBuf]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !paths.iter().all(|p| Path::new(p).exists()) {
+        ensure!(
+            Instant::now() < deadline,
+            "sealvm-blk did not create its sockets"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
