@@ -102,7 +102,8 @@ impl AgentClient {
     }
 
     /// Runs `command` with `arguments` and returns its `return` value. Commands that do not
-    /// answer on success (guest-shutdown) return `Value::Null` after `timeout`.
+    /// answer on success (guest-shutdown) return `Value::Null` when the timeout passes or the
+    /// channel closes.
     pub fn execute(
         &mut self,
         command: &str,
@@ -118,7 +119,10 @@ impl AgentClient {
             .map_err(ClientError::Io)?;
         let deadline = Instant::now() + timeout;
         let answer = match self.next_answer(deadline, command) {
-            Err(ClientError::Timeout { .. }) if command == "guest-shutdown" => {
+            // A successful shutdown answers by going away: silence, or the channel closing.
+            Err(ClientError::Timeout { .. } | ClientError::Io(_))
+                if command == "guest-shutdown" =>
+            {
                 return Ok(Value::Null)
             }
             other => other?,

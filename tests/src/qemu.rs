@@ -244,6 +244,18 @@ impl QemuGuest {
         Err(QemuError::NoExit(limit))
     }
 
+    /// Waits for QEMU to exit by itself (the guest powered off); true when it did in time.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

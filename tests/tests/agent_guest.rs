@@ -311,3 +311,30 @@ fn toolkits_quiesce_before_freeze_and_a_failing_one_aborts_it() {
     assert_eq!(status, 0, "filesystem left frozen after an aborted freeze");
     g.guest.shutdown().unwrap();
 }
+
+#[test]
+fn guest_shutdown_powers_the_guest_off() {
+    let mut g = boot(false, &[]);
+    let mut client = connect(&g);
+    // qemu-guest-agent sends no answer to a successful guest-shutdown.
+    let answer = client
+        .execute(
+            "guest-shutdown",
+            Some(json!({"mode": "powerdown"})),
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert_eq!(answer, Value::Null);
+    assert!(
+        g.guest.wait_exit(TIMEOUT),
+        "QEMU still runs after guest-shutdown"
+    );
+    let bad = boot(false, &[]);
+    let mut client = connect(&bad);
+    let refused = client.execute("guest-shutdown", Some(json!({"mode": "explode"})), TIMEOUT);
+    assert!(
+        matches!(refused, Err(ClientError::Command { .. })),
+        "{refused:?}"
+    );
+    bad.guest.shutdown().unwrap();
+}
