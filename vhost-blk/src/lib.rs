@@ -9,5 +9,6 @@
 pub mod api;
 pub mod device;
 pub mod journal;
+pub mod loadgen;
 pub mod pit;
 pub mod volume;

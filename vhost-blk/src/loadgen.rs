@@ -1,0 +1,362 @@
+//! A vhost-user-blk frontend that drives any vhost-user-blk backend from the host, with no
+//! VM: it owns a shared-memory "guest", builds a split virtqueue in it, and submits
+//! virtio-blk requests. It is how sealvm-blk is crash-tested and compared with
+//! qemu-storage-daemon.
+//!
+//! Memory layout of the 8 MiB guest (guest-physical addresses): the descriptor table at
+//! 0x0, the available ring at 0x1000, the used ring at 0x2000, then one 0x11000-byte slot
+//! per request in flight from 0x10000 (header at +0, status at +0x10, data at +0x1000,
+//! up to 64 KiB).
+
+use sealvm_virtio_blk::request::{status, types};
+use std::fs::File;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEMORY_SIZE: usize = 8 << 20;
+const DESC_TABLE: u64 = 0x0;
+const AVAIL_RING: u64 = 0x1000;
+const USED_RING: u64 = 0x2000;
+const SLOTS_START: u64 = 0x10000;
+const SLOT_SIZE: u64 = 0x11000;
+/// Largest data buffer of one request.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Requests that can be in flight at once.
+pub const MAX_IN_FLIGHT: u16 = 32;
+const QUEUE_SIZE: u16 = 256;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+const VERSION_1: u64 = 1 << 32;
+const FLUSH: u64 = 1 << 9;
+
+/// Errors driving a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The vhost-user handshake failed.
+    #[error("vhost-user {step} failed")]
+    Protocol {
+        /// Which message.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Shared memory or eventfds could not be set up.
+    #[error("cannot set up the frontend's {what}")]
+    Setup {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend stopped answering (it died or hung).
+    #[error("the backend did not complete a request within {0:?}")]
+    NoAnswer(Duration),
+    /// The backend closed its vhost-user socket (it exited or was killed).
+    #[error("the backend closed its vhost-user connection")]
+    BackendGone,
+    /// A request completed with an error status.
+    #[error("request failed with virtio-blk status {0}")]
+    Status(u8),
+    /// A request larger than a slot.
+    #[error("requests are limited to {MAX_REQUEST_BYTES} bytes")]
+    TooLarge,
+}
+
+/// A connected vhost-user-blk frontend with one queue.
+pub struct BlkDriver {
+    frontend: Frontend,
+    mem: GuestMemoryMmap<()>,
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    used_idx: u16,
+    capacity_sectors: u64,
+    timeout: Duration,
+}
+
+/// One request in flight, identified by its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot(pub u16);
+
+impl BlkDriver {
+    /// Connects to the backend at `socket` and sets up one queue.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, LoadError> {
+        let protocol = |step| move |source| LoadError::Protocol { step, source };
+        let mut frontend = Frontend::connect(socket, 1).map_err(protocol("connect"))?;
+        frontend.set_owner().map_err(protocol("SET_OWNER"))?;
+        let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
+        // No EVENT_IDX: the backend then signals every completion, which keeps this simple.
+        let wanted = offered & (VERSION_1 | FLUSH | PROTOCOL_FEATURES_BIT);
+        frontend
+            .set_features(wanted)
+            .map_err(protocol("SET_FEATURES"))?;
+        if offered & PROTOCOL_FEATURES_BIT != 0 {
+            let protocol_features = frontend
+                .get_protocol_features()
+                .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
+            frontend
+                .set_protocol_features(protocol_features & VhostUserProtocolFeatures::CONFIG)
+                .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
+        }
+        let setup = |what| move |source| LoadError::Setup { what, source };
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd.
+        let fd = unsafe { libc::memfd_create(c"sealvm-blk-load".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(LoadError::Setup {
+                what: "memfd",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(MEMORY_SIZE as u64)
+            .map_err(setup("memfd size"))?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEMORY_SIZE,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| LoadError::Setup {
+            what: "guest memory",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let region = mem
+            .find_region(GuestAddress(0))
+            .expect("the region just created");
+        let region_info = VhostUserMemoryRegionInfo::from_guest_region(region)
+            .map_err(protocol("memory region"))?;
+        let host = region_info.userspace_addr;
+        frontend
+            .set_mem_table(&[region_info])
+            .map_err(protocol("SET_MEM_TABLE"))?;
+        frontend
+            .set_vring_num(0, QUEUE_SIZE)
+            .map_err(protocol("SET_VRING_NUM"))?;
+        frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: host + DESC_TABLE,
+                    used_ring_addr: host + USED_RING,
+                    avail_ring_addr: host + AVAIL_RING,
+                    log_addr: None,
+                },
+            )
+            .map_err(protocol("SET_VRING_ADDR"))?;
+        frontend
+            .set_vring_base(0, 0)
+            .map_err(protocol("SET_VRING_BASE"))?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("kick eventfd"))?;
+        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("call eventfd"))?;
+        frontend
+            .set_vring_call(0, &call)
+            .map_err(protocol("SET_VRING_CALL"))?;
+        frontend
+            .set_vring_kick(0, &kick)
+            .map_err(protocol("SET_VRING_KICK"))?;
+        frontend
+            .set_vring_enable(0, true)
+            .map_err(protocol("SET_VRING_ENABLE"))?;
+        let config = [0u8; 8];
+        let (_, capacity) = frontend
+            .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &config)
+            .map_err(protocol("GET_CONFIG"))?;
+        let capacity_sectors = u64::from_le_bytes(capacity[..8].try_into().unwrap_or([0; 8]));
+        Ok(BlkDriver {
+            frontend,
+            mem,
+            kick,
+            call,
+            avail_idx: 0,
+            used_idx: 0,
+            capacity_sectors,
+            timeout,
+        })
+    }
+
+    /// The volume's size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    fn slot_addr(slot: Slot) -> u64 {
+        SLOTS_START + u64::from(slot.0) * SLOT_SIZE
+    }
+
+    /// Puts a request in `slot` on the queue and kicks the backend. For writes `data` is
+    /// the payload; for reads its length is the length to read.
+    pub fn submit(
+        &mut self,
+        slot: Slot,
+        request_type: u32,
+        sector: u64,
+        data: &[u8],
+        read_len: usize,
+    ) -> Result<(), LoadError> {
+        let len = if request_type == types::IN {
+            read_len
+        } else {
+            data.len()
+        };
+        if len > MAX_REQUEST_BYTES || slot.0 >= MAX_IN_FLIGHT {
+            return Err(LoadError::TooLarge);
+        }
+        let base = Self::slot_addr(slot);
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&request_type.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        let write = |addr: u64, bytes: &[u8]| {
+            self.mem
+                .write_slice(bytes, GuestAddress(addr))
+                .expect("slot inside guest memory")
+        };
+        write(base, &header);
+        write(base + 0x10, &[0xff]);
+        if request_type == types::OUT {
+            write(base + 0x1000, data);
+        }
+        // Three descriptors per slot: header, data (if any), status.
+        let first = slot.0 * 3;
+        let mut descriptors = vec![(base, 16u32, 0u16)];
+        if len > 0 {
+            let flags = if request_type == types::IN {
+                DESC_F_WRITE
+            } else {
+                0
+            };
+            descriptors.push((base + 0x1000, len as u32, flags));
+        }
+        descriptors.push((base + 0x10, 1, DESC_F_WRITE));
+        let count = descriptors.len() as u16;
+        for (i, (addr, dlen, flags)) in descriptors.into_iter().enumerate() {
+            let index = first + i as u16;
+            let next_flag = if (i as u16) + 1 < count {
+                DESC_F_NEXT
+            } else {
+                0
+            };
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&dlen.to_le_bytes());
+            raw[12..14].copy_from_slice(&(flags | next_flag).to_le_bytes());
+            raw[14..16].copy_from_slice(&(index + 1).to_le_bytes());
+            write(DESC_TABLE + u64::from(index) * 16, &raw);
+        }
+        let ring_at = AVAIL_RING + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
+        write(ring_at, &first.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        write(AVAIL_RING + 2, &self.avail_idx.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.kick.write(1).map_err(|source| LoadError::Setup {
+            what: "kick",
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Waits for the next completion; returns its slot and status byte.
+    pub fn complete(&mut self) -> Result<(Slot, u8), LoadError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            fence(Ordering::SeqCst);
+            let used_idx: u16 = self
+                .mem
+                .read_obj(GuestAddress(USED_RING + 2))
+                .expect("used ring in memory");
+            if used_idx != self.used_idx {
+                let entry = USED_RING + 4 + u64::from(self.used_idx % QUEUE_SIZE) * 8;
+                let head: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(entry))
+                    .expect("used ring in memory");
+                self.used_idx = self.used_idx.wrapping_add(1);
+                let slot = Slot((head / 3) as u16);
+                let state: u8 = self
+                    .mem
+                    .read_obj(GuestAddress(Self::slot_addr(slot) + 0x10))
+                    .expect("slot in memory");
+                return Ok((slot, state));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LoadError::NoAnswer(self.timeout));
+            }
+            // Wait for a completion signal, or for the backend's socket to hang up (it died).
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.frontend.as_raw_fd(),
+                    events: 0,
+                    revents: 0,
+                },
+            ];
+            let wait_ms = (deadline - now).as_millis().min(100) as i32;
+            // SAFETY: two valid pollfds for descriptors that self keeps open.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) };
+            if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err(LoadError::BackendGone);
+            }
+            let _ = self.call.read();
+        }
+    }
+
+    /// Runs one request to completion and fails unless its status is OK.
+    fn run_one(
+        &mut self,
+        request_type: u32,
+        sector: u64,
+        data: &[u8],
+        read_len: usize,
+    ) -> Result<(), LoadError> {
+        self.submit(Slot(0), request_type, sector, data, read_len)?;
+        let (_, state) = self.complete()?;
+        if state != status::OK {
+            return Err(LoadError::Status(state));
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `sector` and waits for the acknowledgement.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), LoadError> {
+        self.run_one(types::OUT, sector, data, 0)
+    }
+
+    /// Reads `len` bytes from `sector`.
+    pub fn read(&mut self, sector: u64, len: usize) -> Result<Vec<u8>, LoadError> {
+        self.run_one(types::IN, sector, &[], len)?;
+        Ok(self.slot_data(Slot(0), len))
+    }
+
+    /// Flushes and waits for the acknowledgement.
+    pub fn flush(&mut self) -> Result<(), LoadError> {
+        self.run_one(types::FLUSH, 0, &[], 0)
+    }
+
+    /// The data buffer of `slot` after a read completed.
+    pub fn slot_data(&self, slot: Slot, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.mem
+            .read_slice(&mut out, GuestAddress(Self::slot_addr(slot) + 0x1000))
+            .expect("slot in memory");
+        out
+    }
+}
