@@ -236,18 +236,26 @@ fn serve(
         .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
     }
     tracing::info!(volume = %spec.name, socket = %socket.display(), "serving");
-    // One frontend at a time; when it disconnects, wait for the next (a rebooted VM).
+    // One frontend at a time; when it disconnects, wait for the next (a rebooted VM). The
+    // socket stays bound throughout, so a frontend that reconnects at once finds it.
+    let mut listener = vhost::vhost_user::Listener::new(&socket, true)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let mut daemon = VhostUserDaemon::new(
+        format!("sealvm-blk-{}", spec.name),
+        device,
+        GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
     loop {
-        let mut daemon = VhostUserDaemon::new(
-            format!("sealvm-blk-{}", spec.name),
-            device.clone(),
-            GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
-        )
-        .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
-        daemon.serve(&socket).map_err(|e| {
-            anyhow::anyhow!("vhost-user connection on {} failed: {e}", socket.display())
-        })?;
-        tracing::info!("frontend disconnected; waiting for the next one");
+        daemon
+            .start(&mut listener)
+            .map_err(|e| anyhow::anyhow!("cannot accept on {}: {e}", socket.display()))?;
+        match daemon.wait() {
+            Ok(()) => tracing::info!("frontend disconnected; waiting for the next one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "frontend connection ended with an error; waiting for the next one")
+            }
+        }
     }
 }
 

@@ -23,10 +23,11 @@ pub struct Row {
 pub fn run(workspace: &Workspace) -> Result<()> {
     let built = images::build_all(workspace)?;
     // Each benchmark measures sealvm beside its peer in the same run.
-    let rows = vec![
+    let mut rows = vec![
         linux_guest_boot(&built)?,
         crate::bench_agent::freeze_window(&built)?,
     ];
+    rows.extend(crate::bench_blk::run(workspace)?);
     print_table(&rows);
     Ok(())
 }

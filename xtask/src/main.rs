@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_blk;
 mod cpio;
 mod demo;
 mod images;

@@ -1,0 +1,240 @@
+//! sealvm-blk against qemu-storage-daemon, driven by the project's vhost-user load
+//! generator with no VM: IOPS and p50/p99 latency for random 4 KiB reads at queue depth 1
+//! and 32, random 4 KiB writes with a flush every 8 writes, and 64 KiB sequential writes.
+//! sealvm-blk runs twice, journal off (a raw file) and journal on; every backend serves the
+//! same kind of file in the same run.
+
+use crate::bench::Row;
+use crate::process::{self, step};
+use anyhow::{ensure, Context, Result};
+use sealvm_blk::loadgen::{BlkDriver, Slot};
+use sealvm_testkit::Workspace;
+use sealvm_virtio_blk::request::types;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VOLUME_BYTES: u64 = 256 << 20;
+/// Each pattern runs this long per backend.
+const RUN_TIME: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Copy)]
+enum Pattern {
+    RandRead { depth: u16 },
+    RandWriteFlush,
+    SeqWrite64k,
+}
+
+impl Pattern {
+    fn name(self) -> String {
+        match self {
+            Pattern::RandRead { depth } => format!("4K random read QD{depth}"),
+            Pattern::RandWriteFlush => "4K random write QD1, flush every 8".into(),
+            Pattern::SeqWrite64k => "64K sequential write QD1".into(),
+        }
+    }
+}
+
+const PATTERNS: [Pattern; 4] = [
+    Pattern::RandRead { depth: 1 },
+    Pattern::RandRead { depth: 32 },
+    Pattern::RandWriteFlush,
+    Pattern::SeqWrite64k,
+];
+
+struct Measured {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs every pattern against the three backends; returns one row per pattern and
+/// sealvm-blk mode, with qemu-storage-daemon as the peer.
+pub fn run(workspace: &Workspace) -> Result<Vec<Row>> {
+    process::run(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace.root())
+            .args(["build", "--quiet", "--release", "--bin", "sealvm-blk"]),
+    )?;
+    let blk = workspace.target_dir().join("release").join("sealvm-blk");
+    let dir = tempfile::tempdir()?;
+    let mut results: Vec<(&str, Vec<Measured>)> = Vec::new();
+    for backend in [
+        "qemu-storage-daemon",
+        "sealvm-blk journal off",
+        "sealvm-blk journal on",
+    ] {
+        step(&format!("bench: {backend}"));
+        let image = dir
+            .path()
+            .join(format!("{}.raw", backend.replace(' ', "-")));
+        std::fs::File::create(&image)?.set_len(VOLUME_BYTES)?;
+        let socket = dir
+            .path()
+            .join(format!("{}.sock", backend.replace(' ', "-")));
+        let mut command = match backend {
+            "qemu-storage-daemon" => {
+                let mut c = Command::new("qemu-storage-daemon");
+                c.arg("--blockdev")
+                    .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
+                        socket.display()
+                    ));
+                c
+            }
+            _ => {
+                let mut volume = format!("bench={}", image.display());
+                if backend.ends_with("on") {
+                    volume.push_str(&format!(
+                        ",journal={}",
+                        dir.path().join("journal").display()
+                    ));
+                }
+                let mut c = Command::new(&blk);
+                c.args(["serve", "--volume", &volume, "--socket"])
+                    .arg(&socket);
+                c
+            }
+        };
+        let _server = Background(
+            command
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("cannot start {backend}"))?,
+        );
+        wait_for(&socket)?;
+        let mut driver = BlkDriver::connect(&socket, Duration::from_secs(10))?;
+        let mut measured = Vec::new();
+        for pattern in PATTERNS {
+            measured.push(measure(&mut driver, pattern)?);
+        }
+        results.push((backend, measured));
+    }
+
+    println!();
+    println!(
+        "{:<36} {:>28} {:>28} {:>28}",
+        "vhost-user-blk (IOPS, p50/p99 us)", results[0].0, results[1].0, results[2].0
+    );
+    for (i, pattern) in PATTERNS.iter().enumerate() {
+        let cell = |m: &Measured| format!("{:.0} ({:.0}/{:.0})", m.iops, m.p50_us, m.p99_us);
+        println!(
+            "{:<36} {:>28} {:>28} {:>28}",
+            pattern.name(),
+            cell(&results[0].1[i]),
+            cell(&results[1].1[i]),
+            cell(&results[2].1[i])
+        );
+    }
+    let mut rows = Vec::new();
+    for (mode, index) in [("journal off", 1), ("journal on", 2)] {
+        for (i, pattern) in PATTERNS.iter().enumerate() {
+            rows.push(Row {
+                name: format!("sealvm-blk {mode}: {} (IOPS)", pattern.name()),
+                ours: results[index].1[i].iops,
+                peer: Some(("qsd".into(), results[0].1[i].iops)),
+                lower_is_better: false,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn wait_for(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// xorshift64, for request offsets.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn measure(driver: &mut BlkDriver, pattern: Pattern) -> Result<Measured> {
+    let sectors_4k = VOLUME_BYTES / 4096;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    let mut ops = 0u64;
+    match pattern {
+        Pattern::RandRead { depth } => {
+            let mut issued = vec![Instant::now(); usize::from(depth)];
+            for slot in 0..depth {
+                let sector = (next(&mut rng) % sectors_4k) * 8;
+                issued[usize::from(slot)] = Instant::now();
+                driver.submit(Slot(slot), types::IN, sector, &[], 4096)?;
+            }
+            let mut in_flight = depth;
+            while in_flight > 0 {
+                let (slot, state) = driver.complete()?;
+                ensure!(state == 0, "read failed with status {state}");
+                latencies.push(issued[usize::from(slot.0)].elapsed());
+                ops += 1;
+                if started.elapsed() < RUN_TIME {
+                    let sector = (next(&mut rng) % sectors_4k) * 8;
+                    issued[usize::from(slot.0)] = Instant::now();
+                    driver.submit(slot, types::IN, sector, &[], 4096)?;
+                } else {
+                    in_flight -= 1;
+                }
+            }
+        }
+        Pattern::RandWriteFlush => {
+            let data = vec![0x5au8; 4096];
+            while started.elapsed() < RUN_TIME {
+                let t = Instant::now();
+                driver.write((next(&mut rng) % sectors_4k) * 8, &data)?;
+                ops += 1;
+                if ops % 8 == 0 {
+                    driver.flush()?;
+                }
+                latencies.push(t.elapsed());
+            }
+        }
+        Pattern::SeqWrite64k => {
+            let data = vec![0xa5u8; 64 << 10];
+            let mut sector = 0;
+            while started.elapsed() < RUN_TIME {
+                let t = Instant::now();
+                driver.write(sector, &data)?;
+                sector = (sector + 128) % (VOLUME_BYTES / 512);
+                ops += 1;
+                latencies.push(t.elapsed());
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    Ok(Measured {
+        iops: ops as f64 / elapsed,
+        p50_us: percentile(0.50),
+        p99_us: percentile(0.99),
+    })
+}
