@@ -38,7 +38,7 @@ fn sealvm_blk(volume: &str, socket: &Path) -> Backend {
     let child = Command::new(Workspace::locate().binary("sealvm-blk").expect("built"))
         .args(["serve", "--volume", volume, "--socket"])
         .arg(socket)
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     wait_for(socket);
@@ -234,4 +234,28 @@ fn flushed_writes_survive_sigkill_at_random_moments() {
         drop(backend);
     }
     assert!(kills >= 25, "the backend was killed only {kills} times");
+}
+
+#[test]
+fn a_frontend_that_reconnects_is_served_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vol.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SECTORS * 512)
+        .unwrap();
+    let socket = dir.path().join("blk.sock");
+    let _blk = sealvm_blk(&format!("v={}", image.display()), &socket);
+    for round in 0..3u64 {
+        let mut driver = BlkDriver::connect(&socket, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connection {round}: {e:?}"));
+        if round > 0 {
+            assert_eq!(
+                driver.read(round - 1, 512).unwrap(),
+                pattern(round - 1, round - 1)
+            );
+        }
+        driver.write(round, &pattern(round, round)).unwrap();
+        driver.flush().unwrap();
+    }
 }

@@ -240,17 +240,23 @@ fn serve(
     // socket stays bound throughout, so a frontend that reconnects at once finds it.
     let mut listener = vhost::vhost_user::Listener::new(&socket, true)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    let mut daemon = VhostUserDaemon::new(
-        format!("sealvm-blk-{}", spec.name),
-        device,
-        GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
-    )
-    .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
     loop {
+        // A daemon per connection: vhost-user ownership (SET_OWNER) belongs to one frontend.
+        let mut daemon = VhostUserDaemon::new(
+            format!("sealvm-blk-{}", spec.name),
+            device.clone(),
+            GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
         daemon
             .start(&mut listener)
             .map_err(|e| anyhow::anyhow!("cannot accept on {}: {e}", socket.display()))?;
-        match daemon.wait() {
+        let result = daemon.wait();
+        // Stop this connection's queue workers before the next frontend gets new ones.
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        match result {
             Ok(()) => tracing::info!("frontend disconnected; waiting for the next one"),
             Err(e) => {
                 tracing::warn!(error = %e, "frontend connection ended with an error; waiting for the next one")
