@@ -68,7 +68,16 @@ pub enum PitError {
     /// Reading the journal failed.
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// Copying the base or writing the target failed.
+    /// The base image could not be read.
+    #[error("cannot read the base image {path}")]
+    Base {
+        /// The base image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the target failed.
     #[error("cannot write the restored volume {path}")]
     Write {
         /// The target.
@@ -125,6 +134,10 @@ pub fn restore(
         path: to.to_path_buf(),
         source,
     };
+    std::fs::metadata(base).map_err(|source| PitError::Base {
+        path: base.to_path_buf(),
+        source,
+    })?;
     let partial = to.with_extension("partial");
     std::fs::copy(base, &partial).map_err(write_err)?;
     let target = OpenOptions::new()
