@@ -5,11 +5,13 @@
 //! `cargo build` the binaries; the kit only finds them and says what to run when they are
 //! missing.
 
+pub mod background;
 pub mod console;
 pub mod host;
 pub mod paths;
 pub mod qemu;
 
+pub use background::Background;
 pub use console::Console;
 pub use host::Accel;
 pub use paths::{GuestImages, Workspace};

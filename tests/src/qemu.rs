@@ -19,10 +19,21 @@ pub enum QemuError {
     /// The guest console reported a problem.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// A command in the guest failed.
+    #[error("{command} failed in the guest: {output}")]
+    GuestCommand {
+        /// What was run.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
     /// QEMU did not exit after the guest was told to power off.
     #[error("QEMU did not exit within {0:?} of the guest powering off")]
     NoExit(Duration),
 }
+
+/// The virtio-serial port name given to Debian's qemu-ga beside sealvm-agent's port.
+pub const QEMU_GA_PORT: &str = "org.qemu.guest_agent.1";
 
 /// How long a guest may take to reach its ready line: TCG on a loaded 2-core machine is slow.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -114,19 +125,40 @@ impl QemuGuestBuilder {
         ])
     }
 
-    /// Give the guest the qemu-guest-agent virtio-serial port, with its host end a unix
-    /// socket QEMU listens on at `socket`.
+    /// Give the guest the qemu-guest-agent virtio-serial port (`org.qemu.guest_agent.0`, which
+    /// the guest's init serves with sealvm-agent), with its host end a unix socket QEMU
+    /// listens on at `socket`.
     pub fn agent_channel(self, socket: &Path) -> Self {
+        self.serial_port(socket, "org.qemu.guest_agent.0")
+    }
+
+    /// A second agent port, [`QEMU_GA_PORT`], for Debian's qemu-ga (see
+    /// [`QemuGuest::start_qemu_ga`]), with its host end at `socket`.
+    pub fn qemu_ga_channel(self, socket: &Path) -> Self {
+        self.serial_port(socket, QEMU_GA_PORT)
+    }
+
+    /// A named virtio-serial port whose host end is a unix socket QEMU listens on.
+    pub fn serial_port(mut self, socket: &Path, name: &str) -> Self {
+        if !self.args.iter().any(|a| a == "virtio-serial-pci") {
+            self.args
+                .extend(["-device".to_string(), "virtio-serial-pci".to_string()]);
+        }
+        let id = format!(
+            "port{}",
+            self.args
+                .iter()
+                .filter(|a| a.starts_with("virtserialport"))
+                .count()
+        );
         self.qemu_args([
-            "-device".to_string(),
-            "virtio-serial-pci".to_string(),
             "-chardev".to_string(),
             format!(
-                "socket,id=agent,path={},server=on,wait=off",
+                "socket,id={id},path={},server=on,wait=off",
                 socket.display()
             ),
             "-device".to_string(),
-            "virtserialport,chardev=agent,name=org.qemu.guest_agent.0".to_string(),
+            format!("virtserialport,chardev={id},name={name}"),
         ])
     }
 
@@ -228,6 +260,23 @@ impl QemuGuest {
     /// Runs a shell command in the guest; returns its output and exit status.
     pub fn run(&self, command: &str) -> Result<(String, i32), QemuError> {
         Ok(self.console.run(command, Duration::from_secs(60))?)
+    }
+
+    /// Starts Debian's qemu-ga (carried in the guest image) on the [`QEMU_GA_PORT`] port.
+    pub fn start_qemu_ga(&self) -> Result<(), QemuError> {
+        let command = format!(
+            "for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = {QEMU_GA_PORT} ] && \
+             (qemu-ga -m virtio-serial -p /dev/$(basename $p) -t /run > /tmp/qemu-ga.log 2>&1 &); done; \
+             sleep 0.2; pidof qemu-ga"
+        );
+        let (out, status) = self.run(&command)?;
+        if status != 0 {
+            return Err(QemuError::GuestCommand {
+                command: "qemu-ga".into(),
+                output: out,
+            });
+        }
+        Ok(())
     }
 
     /// Powers the guest off from inside (syncing its filesystems) and waits for QEMU to exit.

@@ -4,20 +4,10 @@
 //! bookmark holds every committed row by itself and its write-ahead log is empty (it opens
 //! without recovery); without it, the same flow leaves the newest rows only in the log.
 
-use sealvm_testkit::{QemuGuest, QemuGuestBuilder, Workspace};
+use sealvm_testkit::{Background, QemuGuest, QemuGuestBuilder, Workspace};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
 
 fn sealvm_blk() -> PathBuf {
     Workspace::locate()
@@ -124,27 +114,8 @@ fn sqlite_toolkit_makes_the_bookmark_open_without_recovery() {
         dir.path().join("blk.api"),
         dir.path().join("agent.sock"),
     );
-    let _server = Server(
-        Command::new(sealvm_blk())
-            .arg("serve")
-            .arg("--volume")
-            .arg(format!(
-                "data={},journal={}",
-                base.display(),
-                journal.display()
-            ))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--api-socket")
-            .arg(&api)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(socket.exists() && api.exists()) {
-        assert!(Instant::now() < deadline, "sealvm-blk did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let volume = format!("data={},journal={}", base.display(), journal.display());
+    let _server = Background::sealvm_blk(&volume, &socket, Some(&api)).expect("sealvm-blk serves");
     let guest = QemuGuestBuilder::new(images)
         .vhost_user_blk(&socket)
         .agent_channel(&agent)

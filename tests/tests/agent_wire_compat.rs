@@ -96,20 +96,13 @@ fn sealvm_agent_answers_like_qemu_guest_agent() {
     let guest = QemuGuestBuilder::new(images)
         .agent_channel(&ours)
         .raw_disk(&disk)
-        .qemu_args([
-            "-chardev".to_string(),
-            format!("socket,id=qga,path={},server=on,wait=off", theirs.display()),
-            "-device".to_string(),
-            "virtserialport,chardev=qga,name=org.qemu.guest_agent.1".to_string(),
-        ])
+        .qemu_ga_channel(&theirs)
         .spawn()
         .unwrap();
     guest.wait_ready().unwrap();
-    let start_qemu_ga = "mount -t ext4 /dev/vda /mnt && for p in /sys/class/virtio-ports/*; do \
-        [ \"$(cat $p/name)\" = org.qemu.guest_agent.1 ] && \
-        (qemu-ga -m virtio-serial -p /dev/$(basename $p) -t /run > /tmp/qemu-ga.log 2>&1 &); done; true";
-    let (out, status) = guest.run(start_qemu_ga).unwrap();
+    let (out, status) = guest.run("mount -t ext4 /dev/vda /mnt").unwrap();
     assert_eq!(status, 0, "{out}");
+    guest.start_qemu_ga().expect("qemu-ga runs in the guest");
 
     let sealvm = session(&ours);
     let qemu_ga = session(&theirs);

@@ -4,46 +4,11 @@
 //! completed flush acknowledged.
 
 use sealvm_blk::loadgen::{BlkDriver, LoadError};
-use sealvm_testkit::Workspace;
+use sealvm_testkit::Background;
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SECTORS: u64 = 2048; // a 1 MiB volume
-
-struct Backend(Child);
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn sealvm_blk(volume: &str, socket: &Path) -> Backend {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(Workspace::locate().binary("sealvm-blk").expect("built"))
-        .args(["serve", "--volume", volume, "--socket"])
-        .arg(socket)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait_for(socket);
-    Backend(child)
-}
 
 fn pattern(tag: u64, sector: u64) -> Vec<u8> {
     let mut data = vec![0u8; 512];
@@ -83,7 +48,7 @@ fn load_generator_round_trips_against_sealvm_blk_and_qemu_storage_daemon() {
         image.display(),
         dir.path().join("j").display()
     );
-    let _blk = sealvm_blk(&volume, &socket);
+    let _blk = Background::sealvm_blk(&volume, &socket, None).unwrap();
     round_trip(&mut BlkDriver::connect(&socket, Duration::from_secs(10)).unwrap());
 
     let peer_image = dir.path().join("peer.raw");
@@ -92,23 +57,8 @@ fn load_generator_round_trips_against_sealvm_blk_and_qemu_storage_daemon() {
         .set_len(SECTORS * 512)
         .unwrap();
     let peer_socket = dir.path().join("qsd.sock");
-    let _qsd = Backend(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f0,filename={}",
-                peer_image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
-                peer_socket.display()
-            ))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon"),
-    );
-    wait_for(&peer_socket);
+    let _qsd =
+        Background::qemu_storage_daemon(&peer_image, &peer_socket).expect("qemu-storage-daemon");
     round_trip(&mut BlkDriver::connect(&peer_socket, Duration::from_secs(10)).unwrap());
     let data = std::fs::read(&peer_image).unwrap();
     assert_eq!(&data[7 * 512..8 * 512], &pattern(42, 7)[..]);
@@ -157,7 +107,7 @@ fn flushed_writes_survive_sigkill_at_random_moments() {
     let mut tag = 0u64;
     let mut kills = 0;
     for round in 0..25 {
-        let mut backend = sealvm_blk(&volume, &socket);
+        let mut backend = Background::sealvm_blk(&volume, &socket, None).unwrap();
         let mut driver = BlkDriver::connect(&socket, Duration::from_secs(5)).unwrap();
         // Everything a flush acknowledged is there; nothing else appeared.
         let chunk = (sealvm_blk::loadgen::MAX_REQUEST_BYTES / 512) as u64;
@@ -199,9 +149,7 @@ fn flushed_writes_survive_sigkill_at_random_moments() {
         let mut since_flush: Vec<(u64, u64)> = Vec::new();
         loop {
             if started.elapsed() >= kill_after {
-                // SAFETY: kill only sends a signal to the child we started.
-                unsafe { libc::kill(backend.0.id() as i32, libc::SIGKILL) };
-                let _ = backend.0.wait();
+                backend.kill(); // SIGKILL
                 kills += 1;
             }
             tag += 1;
@@ -245,7 +193,7 @@ fn a_frontend_that_reconnects_is_served_again() {
         .set_len(SECTORS * 512)
         .unwrap();
     let socket = dir.path().join("blk.sock");
-    let _blk = sealvm_blk(&format!("v={}", image.display()), &socket);
+    let _blk = Background::sealvm_blk(&format!("v={}", image.display()), &socket, None).unwrap();
     for round in 0..3u64 {
         let mut driver = BlkDriver::connect(&socket, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("connection {round}: {e:?}"));

@@ -2,24 +2,12 @@
 //! writes land in the journal, a bookmark made between two writes restores to exactly the
 //! first, and a restart replays the journal.
 
-use sealvm_testkit::{QemuGuest, QemuGuestBuilder, Workspace};
+use sealvm_testkit::{Background, QemuGuest, QemuGuestBuilder, Workspace};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const VOLUME_MIB: u64 = 16;
-
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn sealvm_blk() -> PathBuf {
     Workspace::locate()
@@ -27,25 +15,8 @@ fn sealvm_blk() -> PathBuf {
         .expect("sealvm-blk built")
 }
 
-fn serve(volume: &str, socket: &Path, api: &Path) -> Server {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(sealvm_blk())
-        .args(["serve", "--volume", volume, "--socket"])
-        .arg(socket)
-        .arg("--api-socket")
-        .arg(api)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(socket.exists() && api.exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "sealvm-blk did not create its sockets"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server { child }
+fn serve(volume: &str, socket: &Path, api: &Path) -> Background {
+    Background::sealvm_blk(volume, socket, Some(api)).expect("sealvm-blk serves")
 }
 
 fn cli(args: &[&str]) -> (bool, String, String) {

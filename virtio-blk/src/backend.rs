@@ -28,17 +28,27 @@ pub trait BlockBackend: Send + Sync {
     /// Makes `len` bytes at `offset` read back as zeroes, freeing space when `unmap` allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let _ = unmap;
-        let zeroes = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64);
-            self.write_at(offset + done, &zeroes[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        write_zero_buffers(self, offset, len)
     }
     /// The id returned for `VIRTIO_BLK_T_GET_ID` (up to 20 bytes).
     fn device_id(&self) -> &[u8];
+}
+
+/// Zeroes `len` bytes at `offset` by writing zero-filled buffers of up to 1 MiB: the way
+/// to zero a range on storage that has no cheaper one.
+pub fn write_zero_buffers<B: BlockBackend + ?Sized>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64);
+        backend.write_at(offset + done, &zeroes[..n as usize])?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// Errors opening a raw image.
@@ -153,14 +163,7 @@ impl BlockBackend for RawFile {
         if self.fallocate(mode, offset, len).is_ok() {
             return Ok(());
         }
-        let zeroes = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64);
-            self.write_at(offset + done, &zeroes[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        write_zero_buffers(self, offset, len)
     }
 
     fn device_id(&self) -> &[u8] {

@@ -34,21 +34,15 @@ pub fn freeze_window(built: &Built) -> Result<Row> {
     let guest = QemuGuestBuilder::new(built.linux_guest.clone())
         .agent_channel(&ours)
         .raw_disk(&disk)
-        .qemu_args([
-            "-chardev".to_string(),
-            format!("socket,id=qga,path={},server=on,wait=off", theirs.display()),
-            "-device".to_string(),
-            "virtserialport,chardev=qga,name=org.qemu.guest_agent.1".to_string(),
-        ])
+        .qemu_ga_channel(&theirs)
         .spawn()?;
     guest.wait_ready()?;
     let (out, status) = guest.run(
-        "mount -t ext4 /dev/vda /mnt && for p in /sys/class/virtio-ports/*; do \
-         [ \"$(cat $p/name)\" = org.qemu.guest_agent.1 ] && \
-         (qemu-ga -m virtio-serial -p /dev/$(basename $p) -t /run > /tmp/qemu-ga.log 2>&1 &); done; \
+        "mount -t ext4 /dev/vda /mnt && \
          (while true; do dd if=/dev/zero of=/mnt/busy bs=64k count=32 conv=fsync 2>/dev/null; done &); true",
     )?;
     ensure!(status == 0, "guest set-up failed: {out}");
+    guest.start_qemu_ga()?;
     let qemu_ga = windows(&theirs).context("qemu-ga")?;
     let sealvm = windows(&ours).context("sealvm-agent")?;
     guest.shutdown()?;

@@ -6,12 +6,11 @@
 
 use crate::bench::Row;
 use crate::process::{self, step};
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use sealvm_blk::loadgen::{BlkDriver, Slot};
-use sealvm_testkit::Workspace;
+use sealvm_testkit::{Background, Workspace};
 use sealvm_virtio_blk::request::types;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const VOLUME_BYTES: u64 = 256 << 20;
@@ -48,15 +47,6 @@ struct Measured {
     p99_us: f64,
 }
 
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs every pattern against the three backends; returns one row per pattern and
 /// sealvm-blk mode, with qemu-storage-daemon as the peer.
 pub fn run(workspace: &Workspace) -> Result<Vec<Row>> {
@@ -81,18 +71,8 @@ pub fn run(workspace: &Workspace) -> Result<Vec<Row>> {
         let socket = dir
             .path()
             .join(format!("{}.sock", backend.replace(' ', "-")));
-        let mut command = match backend {
-            "qemu-storage-daemon" => {
-                let mut c = Command::new("qemu-storage-daemon");
-                c.arg("--blockdev")
-                    .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
-                    .arg("--export")
-                    .arg(format!(
-                        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
-                        socket.display()
-                    ));
-                c
-            }
+        let _server = match backend {
+            "qemu-storage-daemon" => Background::qemu_storage_daemon(&image, &socket)?,
             _ => {
                 let mut volume = format!("bench={}", image.display());
                 if backend.ends_with("on") {
@@ -101,19 +81,15 @@ pub fn run(workspace: &Workspace) -> Result<Vec<Row>> {
                         dir.path().join("journal").display()
                     ));
                 }
-                let mut c = Command::new(&blk);
-                c.args(["serve", "--volume", &volume, "--socket"])
-                    .arg(&socket);
-                c
+                // The release build, for a fair comparison with Debian's optimized QEMU.
+                Background::start(
+                    Command::new(&blk)
+                        .args(["serve", "--volume", &volume, "--socket"])
+                        .arg(&socket),
+                    &[&socket],
+                )?
             }
         };
-        let _server = Background(
-            command
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("cannot start {backend}"))?,
-        );
-        wait_for(&socket)?;
         let mut driver = BlkDriver::connect(&socket, Duration::from_secs(10))?;
         let mut measured = Vec::new();
         for pattern in PATTERNS {
@@ -149,19 +125,6 @@ pub fn run(workspace: &Workspace) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
-}
-
-fn wait_for(path: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        ensure!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 /// xorshift64, for request offsets.

@@ -5,10 +5,8 @@
 use crate::process::{self, step};
 use crate::{images, setup};
 use anyhow::{bail, ensure, Context, Result};
-use sealvm_testkit::{Accel, QemuGuest, QemuGuestBuilder, Workspace};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use sealvm_testkit::{Accel, Background, QemuGuest, QemuGuestBuilder, Workspace};
+use std::process::Command;
 
 /// Installs what is missing, builds the images and binaries, and shows sealvm at work.
 pub fn run(workspace: &Workspace) -> Result<()> {
@@ -21,15 +19,6 @@ pub fn run(workspace: &Workspace) -> Result<()> {
             .args(["build", "--workspace", "--bins", "--quiet"]),
     )?;
     journaled_volume_recovers_a_deleted_file(workspace, &built)
-}
-
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn journaled_volume_recovers_a_deleted_file(
@@ -49,23 +38,11 @@ fn journaled_volume_recovers_a_deleted_file(
     process::output(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&base))?;
 
     step("demo: sealvm-blk serves a 64 MiB ext4 volume, journaling every write");
-    let _server = Background(
-        Command::new(&blk)
-            .arg("serve")
-            .arg("--volume")
-            .arg(format!(
-                "orders={},journal={}",
-                base.display(),
-                journal.display()
-            ))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--api-socket")
-            .arg(&api)
-            .spawn()
-            .context("cannot start sealvm-blk")?,
-    );
-    wait_for_paths(&[&socket, &api])?;
+    let _server = Background::sealvm_blk(
+        &format!("orders={},journal={}", base.display(), journal.display()),
+        &socket,
+        Some(&api),
+    )?;
 
     let accel = Accel::detect();
     step(&format!(
@@ -142,18 +119,6 @@ fn guest_run(guest: &QemuGuest, command: &str) -> Result<()> {
     let (out, status) = guest.run(command)?;
     if status != 0 {
         bail!("guest command failed ({status}): {command}\n{out}");
-    }
-    Ok(())
-}
-
-fn wait_for_paths(paths: &[&PathBuf]) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !paths.iter().all(|p| Path::new(p).exists()) {
-        ensure!(
-            Instant::now() < deadline,
-            "sealvm-blk did not create its sockets"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }
