@@ -1,9 +1,12 @@
 //! The API socket: one JSON object per line in, one per line out.
 //!
 //! Requests: `{"command": "volumes"}`, `{"command": "bookmark", "name": NAME}`,
-//! `{"command": "bookmarks"}`. Answers: `{"return": VALUE}` or `{"error": TEXT}`.
+//! `{"command": "bookmarks"}`, and for an exposed point in time
+//! `{"command": "retarget", "at": POINT}`. Answers: `{"return": VALUE}` or `{"error": TEXT}`.
 
 use crate::device::BlockDevice;
+use crate::image_access::PointInTimeImage;
+use crate::pit::{self, PointInTime};
 use crate::volume::JournaledVolume;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -27,6 +30,8 @@ pub struct ServedVolume {
     pub device: Arc<BlockDevice>,
     /// Its journal, when journaling is on.
     pub journal: Option<Arc<JournaledVolume>>,
+    /// The point-in-time view, when this is an exposed image.
+    pub image: Option<Arc<PointInTimeImage>>,
 }
 
 #[derive(Deserialize)]
@@ -35,6 +40,7 @@ enum ApiRequest {
     Volumes,
     Bookmark { name: String },
     Bookmarks,
+    Retarget { at: String },
 }
 
 /// Serves the API on `path` on a background thread.
@@ -85,6 +91,9 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
                 "io-errors": counters.io_errors.load(Ordering::Relaxed),
                 "journal": volume.journal.is_some(),
             });
+            if let Some(image) = &volume.image {
+                entry["point-in-time-seq"] = json!(image.seq());
+            }
             if let Some(journal) = &volume.journal {
                 let (bytes, last_seq) = journal.journal_position();
                 entry["journal-bytes"] = json!(bytes);
@@ -105,6 +114,16 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
                 .bookmark(&name)
                 .map_err(|e| format!("bookmark failed: {e}"))?;
             Ok(json!(bookmark))
+        }
+        ApiRequest::Retarget { at } => {
+            let image = volume
+                .image
+                .as_ref()
+                .ok_or("only an exposed point in time (pit expose) can be retargeted")?;
+            let point: PointInTime = at.parse().map_err(|e: pit::PitError| e.to_string())?;
+            let seq = pit::resolve(image.journal_dir(), &point).map_err(|e| e.to_string())?;
+            let moved = image.retarget(seq).map_err(|e| e.to_string())?;
+            Ok(json!(moved))
         }
         ApiRequest::Bookmarks => {
             let journal = volume

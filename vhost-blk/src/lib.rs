@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod device;
+pub mod image_access;
 pub mod journal;
 pub mod loadgen;
 pub mod pit;

@@ -2,6 +2,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use sealvm_blk::api::{self, ServedVolume};
 use sealvm_blk::device::BlockDevice;
+use sealvm_blk::image_access::PointInTimeImage;
 use sealvm_blk::journal;
 use sealvm_blk::pit::{self, PointInTime};
 use sealvm_blk::volume::JournaledVolume;
@@ -63,7 +64,7 @@ enum Command {
         /// The bookmark's name.
         name: String,
     },
-    /// Points in time: list them, or restore one to a file.
+    /// Points in time: list them, restore one to a file, or expose one as a device.
     Pit {
         #[command(subcommand)]
         command: PitCommand,
@@ -80,6 +81,29 @@ enum PitCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the volume as it was at a point in time as a new vhost-user-blk device, without
+    /// copying it (image access). Writes, with --writable, go to a throw-away overlay. The
+    /// API's retarget command moves it to another point in time.
+    Expose {
+        /// The base image the journal started from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The journal directory (the live volume may keep writing to it).
+        #[arg(long)]
+        journal: PathBuf,
+        /// latest, a sequence number, @UNIX_SECONDS, or a bookmark name.
+        #[arg(long)]
+        at: PointInTime,
+        /// The vhost-user socket to serve the point in time on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// A unix socket for the JSON API (retarget, counters).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Accept writes into a throw-away overlay (otherwise the device is read-only).
+        #[arg(long)]
+        writable: bool,
     },
     /// Write the volume as it was at a point in time to a new file.
     Restore {
@@ -169,6 +193,35 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => bookmark(&api_socket, agent_socket.as_deref(), &name),
         Command::Pit { command } => match command {
             PitCommand::List { journal, json } => pit_list(&journal, json),
+            PitCommand::Expose {
+                base,
+                journal,
+                at,
+                socket,
+                api_socket,
+                writable,
+            } => {
+                let seq = pit::resolve(&journal, &at)?;
+                let image = Arc::new(PointInTimeImage::open(&base, &journal, seq, writable)?);
+                tracing::info!(seq, writable, "exposing point in time");
+                let device = Arc::new(BlockDevice::new(image.clone(), !writable, 1));
+                if let Some(api_socket) = &api_socket {
+                    api::spawn(
+                        api_socket,
+                        ServedVolume {
+                            name: "point-in-time".into(),
+                            path: base.clone(),
+                            device: device.clone(),
+                            journal: None,
+                            image: Some(image),
+                        },
+                    )
+                    .with_context(|| {
+                        format!("cannot listen on the API socket {}", api_socket.display())
+                    })?;
+                }
+                serve_device("point-in-time", device, &socket)
+            }
             PitCommand::Restore {
                 base,
                 journal,
@@ -231,19 +284,29 @@ fn serve(
                 path: spec.path.clone(),
                 device: device.clone(),
                 journal,
+                image: None,
             },
         )
         .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
     }
-    tracing::info!(volume = %spec.name, socket = %socket.display(), "serving");
+    serve_device(&spec.name, device, &socket)
+}
+
+/// Serves `device` on `socket`, one frontend at a time, forever.
+fn serve_device(
+    name: &str,
+    device: Arc<BlockDevice>,
+    socket: &std::path::Path,
+) -> anyhow::Result<()> {
+    tracing::info!(volume = %name, socket = %socket.display(), "serving");
     // One frontend at a time; when it disconnects, wait for the next (a rebooted VM). The
     // socket stays bound throughout, so a frontend that reconnects at once finds it.
-    let mut listener = vhost::vhost_user::Listener::new(&socket, true)
+    let mut listener = vhost::vhost_user::Listener::new(socket, true)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     loop {
         // A daemon per connection: vhost-user ownership (SET_OWNER) belongs to one frontend.
         let mut daemon = VhostUserDaemon::new(
-            format!("sealvm-blk-{}", spec.name),
+            format!("sealvm-blk-{name}"),
             device.clone(),
             GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
         )

@@ -67,6 +67,18 @@ pub fn segment_path(dir: &Path) -> PathBuf {
 /// (a torn tail). `visit` returns false to stop early.
 pub fn scan(
     dir: &Path,
+    visit: impl FnMut(&RecordHeader, u64, &[u8]) -> bool,
+) -> Result<ScanSummary, JournalError> {
+    scan_from(dir, 0, 0, visit)
+}
+
+/// Like [`scan`], but starting at byte `offset` of the segment, where the record after
+/// `last_seq` begins (a position an earlier scan returned as `valid_len`/`last_seq`).
+/// The summary's lengths and counts cover only what this call read.
+pub fn scan_from(
+    dir: &Path,
+    offset: u64,
+    last_seq: u64,
     mut visit: impl FnMut(&RecordHeader, u64, &[u8]) -> bool,
 ) -> Result<ScanSummary, JournalError> {
     let path = segment_path(dir);
@@ -80,11 +92,17 @@ pub fn scan(
         Err(e) => return Err(io_err(e)),
     };
     let total = file.metadata().map_err(io_err)?.len();
+    let mut file = file;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).map_err(io_err)?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut summary = ScanSummary::default();
+    let mut summary = ScanSummary {
+        valid_len: offset,
+        last_seq,
+        ..ScanSummary::default()
+    };
     let mut header_bytes = [0u8; HEADER_LEN];
     let mut payload = Vec::new();
-    let mut at = 0u64;
+    let mut at = offset;
     loop {
         if read_full(&mut reader, &mut header_bytes).map_err(io_err)? < HEADER_LEN {
             break;
