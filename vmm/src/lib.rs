@@ -3,3 +3,5 @@
 //!
 //! The library holds everything testable; `main.rs` only parses arguments and calls in.
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod bundle;
