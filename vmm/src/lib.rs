@@ -5,4 +5,5 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bundle;
+pub mod helper_partition;
 pub mod tpm;
