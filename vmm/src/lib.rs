@@ -5,5 +5,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bundle;
+pub mod cli;
 pub mod helper_partition;
 pub mod tpm;

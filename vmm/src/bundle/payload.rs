@@ -266,9 +266,10 @@ impl Bundle {
         &self.header
     }
 
-    /// The bundle id, as 32 hex digits; it keys the sealed record in the helper partition.
+    /// The bundle id: the LUKS UUID, readable without the key, which keys the sealed record
+    /// in the helper partition.
     pub fn id(&self) -> String {
-        hex::encode(self.superblock.bundle_id)
+        self.header.uuid.clone()
     }
 
     /// Guest disk size in bytes.

@@ -10,6 +10,7 @@ fn record(id: &str) -> SealedObject {
         pcrs: vec![16, 23],
         expected: vec!["00".repeat(32), "00".repeat(32)],
         policy_digest: "11".repeat(32),
+        storage_key_name: "000b".into(),
         public: "abcd".into(),
         private: "ef01".into(),
     }

@@ -72,6 +72,9 @@ pub enum TpmError {
         /// Actual value, hex.
         actual: String,
     },
+    /// The host TPM is not the one the key was sealed on: its storage primary differs.
+    #[error("host TPM identity check failed: this is not the TPM the key was sealed on")]
+    OtherTpm,
     /// The sealed object does not load under this TPM's storage key: another TPM, or a
     /// cleared owner hierarchy.
     #[error("the sealed key was not made by this TPM (load under the storage primary failed)")]
@@ -153,7 +156,7 @@ impl HostTpm {
         pcrs.dedup();
         let values = self.read_pcrs(&pcrs)?;
         let policy = self.policy_digest(&pcrs, &values)?;
-        let primary = self.storage_primary()?;
+        let (primary, storage_key_name) = self.storage_primary()?;
         let attributes = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -184,6 +187,7 @@ impl HostTpm {
             pcrs: pcrs.clone(),
             expected: values.iter().map(hex::encode).collect(),
             policy_digest: hex::encode(policy.value()),
+            storage_key_name,
             public: hex::encode(created.out_public.marshall().map_err(cmd("Create"))?),
             private: hex::encode(created.out_private.value()),
         })
@@ -191,6 +195,9 @@ impl HostTpm {
 
     /// Compares the host's PCRs with the values recorded at sealing.
     pub fn attest(&mut self, sealed: &SealedObject) -> Result<AttestationReport, TpmError> {
+        let (primary, name) = self.storage_primary()?;
+        self.flush(primary.into());
+        let tpm_matches = name == sealed.storage_key_name;
         let actual = self.read_pcrs(&sealed.pcrs)?;
         let checks = sealed
             .pcrs
@@ -204,13 +211,16 @@ impl HostTpm {
                 matches: *expected == hex::encode(actual),
             })
             .collect();
-        Ok(AttestationReport::new(sealed, checks))
+        Ok(AttestationReport::new(sealed, tpm_matches, checks))
     }
 
     /// Attests, then unseals `sealed` through a PolicyPCR session. Refuses with
     /// [`TpmError::PcrMismatch`] naming the first differing PCR before asking the TPM.
     pub fn unseal(&mut self, sealed: &SealedObject) -> Result<Zeroizing<Vec<u8>>, TpmError> {
         let report = self.attest(sealed)?;
+        if !report.tpm_matches {
+            return Err(TpmError::OtherTpm);
+        }
         if let Some(bad) = report.pcrs.iter().find(|c| !c.matches) {
             return Err(TpmError::PcrMismatch {
                 pcr: bad.pcr,
@@ -226,7 +236,7 @@ impl HostTpm {
             Public::unmarshall(&public_bytes).map_err(|_| TpmError::Malformed("public blob"))?;
         let private =
             Private::try_from(private_bytes).map_err(|_| TpmError::Malformed("private blob"))?;
-        let primary = self.storage_primary()?;
+        let (primary, _) = self.storage_primary()?;
         let loaded = self
             .context
             .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
@@ -303,7 +313,7 @@ impl HostTpm {
 
     /// The owner-hierarchy ECC P-256 storage primary; the same template always derives the
     /// same key on the same TPM, so nothing needs to be persisted.
-    fn storage_primary(&mut self) -> Result<KeyHandle, TpmError> {
+    fn storage_primary(&mut self) -> Result<(KeyHandle, String), TpmError> {
         let attributes = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -333,7 +343,11 @@ impl HostTpm {
                 ctx.create_primary(Hierarchy::Owner, public, None, None, None, None)
             })
             .map_err(cmd("CreatePrimary"))?;
-        Ok(created.key_handle)
+        let name = self
+            .context
+            .tr_get_name(created.key_handle.into())
+            .map_err(cmd("TR_GetName"))?;
+        Ok((created.key_handle, hex::encode(name.value())))
     }
 
     fn flush(&mut self, handle: tss_esapi::handles::ObjectHandle) {

@@ -28,18 +28,21 @@ pub struct AttestationReport {
     pub policy_digest: String,
     /// Per-PCR comparison.
     pub pcrs: Vec<PcrCheck>,
-    /// True when every PCR matches.
+    /// True when the TPM is the one the key was sealed on (same storage primary).
+    pub tpm_matches: bool,
+    /// True when the TPM matches and every PCR matches.
     pub trusted: bool,
 }
 
 impl AttestationReport {
     /// Builds the report from the sealed record and the per-PCR checks.
-    pub fn new(sealed: &SealedObject, pcrs: Vec<PcrCheck>) -> Self {
+    pub fn new(sealed: &SealedObject, tpm_matches: bool, pcrs: Vec<PcrCheck>) -> Self {
         Self {
             bundle_id: sealed.bundle_id.clone(),
             pcr_bank: sealed.pcr_bank.clone(),
             policy_digest: sealed.policy_digest.clone(),
-            trusted: pcrs.iter().all(|c| c.matches),
+            tpm_matches,
+            trusted: tpm_matches && pcrs.iter().all(|c| c.matches),
             pcrs,
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! Serialized as one JSON object (`deny_unknown_fields`): `bundle_id` (32 hex digits),
 //! `pcr_bank` ("sha256"), `pcrs` (ascending indices), `expected` (hex PCR values at sealing,
-//! same order), `policy_digest` (hex PolicyPCR digest), `public` (hex TPM2B_PUBLIC marshalled
+//! same order), `policy_digest` (hex PolicyPCR digest), `storage_key_name` (hex TPM name of the
+//! storage primary, identifying the host TPM), `public` (hex TPM2B_PUBLIC marshalled
 //! by the TPM), `private` (hex TPM2B_PRIVATE body). None of these is a secret: the private
 //! blob is encrypted by the TPM's storage key.
 
@@ -22,6 +23,9 @@ pub struct SealedObject {
     pub expected: Vec<String>,
     /// Hex PolicyPCR digest (the sealed object's authPolicy).
     pub policy_digest: String,
+    /// Hex TPM name of the storage primary the object was sealed under: identifies the host
+    /// TPM (its owner seed) without any secret.
+    pub storage_key_name: String,
     /// Hex marshalled TPM2B_PUBLIC.
     pub public: String,
     /// Hex TPM2B_PRIVATE.

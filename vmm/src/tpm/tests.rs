@@ -65,6 +65,23 @@ fn another_tpm_refuses_the_sealed_key() {
         .unwrap();
     let second = SwtpmProcess::start(&dir.path().join("b")).unwrap();
     let mut other = HostTpm::connect(&second.tcti()).unwrap();
+    assert!(!other.attest(&sealed).unwrap().tpm_matches);
+    assert!(matches!(other.unseal(&sealed), Err(TpmError::OtherTpm)));
+}
+
+#[test]
+fn forged_identity_still_fails_to_load_on_another_tpm() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SwtpmProcess::start(&dir.path().join("a")).unwrap();
+    let mut sealed = HostTpm::connect(&first.tcti())
+        .unwrap()
+        .seal("b1", &PCRS, b"secret")
+        .unwrap();
+    let second = SwtpmProcess::start(&dir.path().join("b")).unwrap();
+    let mut other = HostTpm::connect(&second.tcti()).unwrap();
+    // Rewrite the recorded identity to the second TPM's: the TPM itself still refuses.
+    let probe = other.seal("probe", &PCRS, b"x").unwrap();
+    sealed.storage_key_name = probe.storage_key_name;
     assert!(matches!(
         other.unseal(&sealed),
         Err(TpmError::ForeignTpm(_))
