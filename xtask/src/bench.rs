@@ -23,7 +23,8 @@ pub struct Row {
 pub fn run(workspace: &Workspace) -> Result<()> {
     let built = images::build_all(workspace)?;
     // Later benchmarks append their rows here, each measured beside its peer.
-    let rows = vec![linux_guest_boot(&built)?];
+    let mut rows = vec![linux_guest_boot(&built)?];
+    rows.extend(crate::bench_bundle::rows(workspace)?);
     print_table(&rows);
     Ok(())
 }

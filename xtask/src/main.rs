@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, guest images, demo, test and bench for the sealvm workspace.
 
 mod bench;
+mod bench_bundle;
 mod cpio;
 mod demo;
 mod images;
