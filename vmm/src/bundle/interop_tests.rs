@@ -176,3 +176,43 @@ fn sealvm_opens_qemu_img_luks_xts_aes_128() {
 fn sealvm_opens_qemu_img_luks_xts_aes_256() {
     sealvm_reads_qemu_img_luks("aes-256");
 }
+
+#[test]
+fn mutated_headers_error_and_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.svm");
+    let file = create(&path, 1 << 20);
+    let header = luks1::read_header(&file).unwrap();
+    let pristine = header.to_bytes();
+    assert_eq!(luks1::Header::parse(&pristine).unwrap(), header);
+    // Every single-byte corruption of the header either parses or errors; none panics.
+    for at in 0..pristine.len() {
+        for value in [0x00u8, 0xff, 0x41] {
+            let mut bytes = pristine;
+            bytes[at] = value;
+            let _ = luks1::Header::parse(&bytes);
+        }
+    }
+    let mut bad = pristine;
+    bad[0] = b'X';
+    assert!(matches!(
+        luks1::Header::parse(&bad),
+        Err(LuksError::BadMagic)
+    ));
+    let mut bad = pristine;
+    bad[7] = 2;
+    assert!(matches!(
+        luks1::Header::parse(&bad),
+        Err(LuksError::UnsupportedVersion(2))
+    ));
+    let mut bad = pristine;
+    bad[72..78].copy_from_slice(b"sha1\0\0");
+    assert!(matches!(
+        luks1::Header::parse(&bad),
+        Err(LuksError::UnsupportedHash(_))
+    ));
+    assert!(matches!(
+        luks1::Header::parse(&pristine[..100]),
+        Err(LuksError::Truncated { .. })
+    ));
+}
