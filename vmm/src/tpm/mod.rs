@@ -9,6 +9,7 @@
 pub mod report;
 pub mod sealed;
 pub mod swtpm;
+pub mod vtpm;
 
 pub use report::{AttestationReport, PcrCheck};
 pub use sealed::SealedObject;

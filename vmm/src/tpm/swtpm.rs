@@ -86,7 +86,8 @@ impl Drop for SwtpmProcess {
     }
 }
 
-fn free_port_pair() -> Option<u16> {
+/// A loopback port P with P + 1 also free (swtpm's data and control channels).
+pub fn free_port_pair() -> Option<u16> {
     for _ in 0..50 {
         let first = TcpListener::bind(("127.0.0.1", 0)).ok()?;
         let port = first.local_addr().ok()?.port();
