@@ -9,7 +9,8 @@ use sealvm_testkit::{Accel, QemuGuestBuilder, Workspace};
 pub fn run(workspace: &Workspace) -> Result<()> {
     setup::run()?;
     let built = images::build_all(workspace)?;
-    linux_guest_boots(&built)
+    linux_guest_boots(&built)?;
+    crate::demo_bundle::run_demo(workspace, &built)
 }
 
 /// Boots the Linux guest under QEMU to its ready line and powers it off.

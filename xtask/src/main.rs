@@ -4,6 +4,7 @@ mod bench;
 mod bench_bundle;
 mod cpio;
 mod demo;
+mod demo_bundle;
 mod images;
 mod process;
 mod setup;
