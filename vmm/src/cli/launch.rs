@@ -214,6 +214,6 @@ pub fn run(args: &TrustedLaunchArgs) -> Result<(), LaunchError> {
         }
         return Ok(());
     }
-    attest_and_open(&args.bundle, &args.helper_disk, &args.tcti, true)?;
+    attest_and_open(&args.bundle, &args.helper_disk, &args.tcti, false)?;
     Err(LaunchError::BootUnavailable)
 }
