@@ -2,6 +2,13 @@
 //! bundle's sealed policy, unseal the key-slot secret, open the bundle and verify its
 //! regions. `sealvm run --attest-only` prints the attestation report; booting the guest is
 //! the VMM's part, which calls [`attest_and_open`].
+//!
+//! The VMM's boot path, in order: `attest_and_open(bundle, helper, tcti, true)` → check the
+//! kernel/initramfs digests against [`OpenedBundle::manifest`] → start the guest's vTPM with
+//! `crate::tpm::vtpm::Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)` and
+//! point the TPM CRB device at its unix sockets → serve the disk through
+//! `Bundle::read_disk`/`write_disk` (per-sector XTS, no plaintext on disk) → on shutdown
+//! `vtpm.stop_and_write_back(&mut opened.bundle)`.
 
 use crate::bundle::luks1::{self, LuksError};
 use crate::bundle::payload::{Bundle, BundleError, VmManifest};
