@@ -75,6 +75,23 @@ pub enum LaunchError {
     /// The report could not be printed.
     #[error("cannot print the attestation report")]
     Json(#[source] serde_json::Error),
+    /// A kernel or initramfs differs from the digest in the bundle's manifest.
+    #[error("{what} {path} does not match the SHA-256 recorded in the bundle manifest")]
+    BootFileDigest {
+        /// "kernel" or "initramfs".
+        what: &'static str,
+        /// The file given.
+        path: String,
+    },
+    /// A boot file could not be read.
+    #[error("cannot read {path}")]
+    BootFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// This build can attest and open bundles but the VMM boot path is not wired here.
     #[error("booting a bundle is not available in this build; use --attest-only")]
     BootUnavailable,
@@ -200,6 +217,43 @@ pub fn attest_and_unseal(
     Ok((secret, report, timings))
 }
 
+/// Checks the kernel and initramfs the VMM is about to load against the manifest's digests.
+pub fn verify_boot_files(
+    manifest: &VmManifest,
+    kernel: &Path,
+    initramfs: Option<&Path>,
+) -> Result<(), LaunchError> {
+    let digest = |path: &Path| -> Result<String, LaunchError> {
+        use sha2::Digest as _;
+        let mut file = File::open(path).map_err(|source| LaunchError::BootFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher).map_err(|source| LaunchError::BootFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(hex::encode(hasher.finalize()))
+    };
+    if digest(kernel)? != manifest.kernel_sha256 {
+        return Err(LaunchError::BootFileDigest {
+            what: "kernel",
+            path: kernel.display().to_string(),
+        });
+    }
+    match (initramfs, &manifest.initramfs_sha256) {
+        (Some(path), Some(expected)) if digest(path)? == *expected => Ok(()),
+        (None, None) => Ok(()),
+        (path, _) => Err(LaunchError::BootFileDigest {
+            what: "initramfs",
+            path: path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(none)".into()),
+        }),
+    }
+}
+
 /// Runs the trusted-launch part of `sealvm run`.
 pub fn run(args: &TrustedLaunchArgs) -> Result<(), LaunchError> {
     if args.attest_only {
@@ -223,4 +277,38 @@ pub fn run(args: &TrustedLaunchArgs) -> Result<(), LaunchError> {
     }
     attest_and_open(&args.bundle, &args.helper_disk, &args.tcti, false)?;
     Err(LaunchError::BootUnavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_files_must_match_manifest_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let manifest = VmManifest {
+            vcpus: 1,
+            memory_mib: 64,
+            cmdline: String::new(),
+            kernel_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"kernel")),
+            initramfs_sha256: None,
+        };
+        verify_boot_files(&manifest, &kernel, None).unwrap();
+        std::fs::write(&kernel, b"kernel with a backdoor").unwrap();
+        assert!(matches!(
+            verify_boot_files(&manifest, &kernel, None),
+            Err(LaunchError::BootFileDigest { what: "kernel", .. })
+        ));
+        std::fs::write(&kernel, b"kernel").unwrap();
+        // An initramfs the manifest does not list is refused too.
+        assert!(matches!(
+            verify_boot_files(&manifest, &kernel, Some(&kernel)),
+            Err(LaunchError::BootFileDigest {
+                what: "initramfs",
+                ..
+            })
+        ));
+    }
 }
