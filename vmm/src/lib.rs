@@ -3,3 +3,8 @@
 //!
 //! The library holds everything testable; `main.rs` only parses arguments and calls in.
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod bundle;
+pub mod cli;
+pub mod helper_partition;
+pub mod tpm;

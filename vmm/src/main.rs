@@ -1,4 +1,5 @@
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use sealvm::cli;
 
 /// sealvm — a KVM virtual machine monitor for shielded VMs.
 ///
@@ -6,8 +7,45 @@ use clap::Parser;
 /// bundles whose disk and vTPM state unlock only on a trusted host.
 #[derive(Parser)]
 #[command(name = "sealvm", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    /// Print the full error chain on failure.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// Create, inspect, reseal or export sealed bundles.
+    Bundle(cli::bundle::BundleArgs),
+    /// Manage the helper disk's `sealvm-sealed` partition.
+    HelperPartition(cli::helper_partition::HelperPartitionArgs),
+    /// Launch a sealed bundle on an attested host (`--attest-only` prints the report).
+    Run(cli::launch::TrustedLaunchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Bundle(args) => cli::bundle::run(args).map_err(Into::into),
+        Command::HelperPartition(args) => cli::helper_partition::run(args).map_err(Into::into),
+        Command::Run(args) => cli::launch::run(&args).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The one-line chain names the failed check ("bundle check failed: VM-state
+            // manifest failed its integrity check"); -v adds the structured detail.
+            eprintln!("sealvm: {error:#}");
+            if cli.verbose {
+                eprintln!("{error:?}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

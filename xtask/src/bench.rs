@@ -28,6 +28,7 @@ pub fn run(workspace: &Workspace) -> Result<()> {
         crate::bench_agent::freeze_window(&built)?,
     ];
     rows.extend(crate::bench_blk::run(workspace)?);
+    rows.extend(crate::bench_bundle::rows(workspace)?);
     print_table(&rows);
     Ok(())
 }

@@ -18,6 +18,7 @@ pub fn run(workspace: &Workspace) -> Result<()> {
             .current_dir(workspace.root())
             .args(["build", "--workspace", "--bins", "--quiet"]),
     )?;
+    crate::demo_bundle::run_demo(workspace, &built)?;
     journaled_volume_recovers_a_deleted_file(workspace, &built)
 }
 

@@ -3,8 +3,10 @@
 mod bench;
 mod bench_agent;
 mod bench_blk;
+mod bench_bundle;
 mod cpio;
 mod demo;
+mod demo_bundle;
 mod images;
 mod process;
 mod setup;

@@ -25,6 +25,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cryptsetup-bin", "cryptsetup luksDump for bundle interop"),
     ("acpica-tools", "iasl, to disassemble sealvm's ACPI tables"),
     ("gdisk", "sgdisk, to list the helper's sealed partition"),
+    (
+        "openssl",
+        "openssl speed, the XTS throughput peer in the bench",
+    ),
     ("e2fsprogs", "mkfs.ext4 for guest filesystems"),
     (
         "qemu-guest-agent",

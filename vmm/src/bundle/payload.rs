@@ -1,0 +1,614 @@
+//! The bundle payload format, version 1: what sealvm keeps inside the LUKS1 container.
+//!
+//! # Layout (offsets in bytes from the payload start, integers little-endian)
+//!
+//! | offset | size | region |
+//! |---|---|---|
+//! | 0 | 512 | superblock (one sector) |
+//! | 4 KiB | 1 MiB − 4 KiB | manifest record |
+//! | 1 MiB | 1 MiB | vTPM state slot 0 |
+//! | 2 MiB | 1 MiB | vTPM state slot 1 |
+//! | 3 MiB | rest | guest disk (1 MiB aligned) |
+//!
+//! Superblock: magic `SEALVMB\0` (8), version u32 = 1 (4), flags u32 (4), bundle id (16),
+//! manifest offset u64, manifest capacity u64, vTPM slot 0 offset u64, vTPM slot capacity
+//! u64, disk offset u64, disk bytes u64, active vTPM slot u32, reserved u32, vTPM generation
+//! u64 (at 88), zeros to 448, HMAC-SHA256 over bytes 0..448 (at 448), zeros to 512.
+//!
+//! Manifest record: length u32, HMAC (32) over `"manifest" ‖ bundle id ‖ length ‖ json`,
+//! then the manifest as JSON ([`VmManifest`]).
+//!
+//! vTPM slot record: magic `VTPM` (4), generation u64, length u32, HMAC (32) over
+//! `"vtpm" ‖ bundle id ‖ slot u32 ‖ generation ‖ length ‖ state`, then swtpm's state blob.
+//!
+//! The HMAC key is HMAC-SHA256(master key, `"sealvm bundle hmac v1"`); XTS gives
+//! confidentiality only, the HMACs detect tampering with the superblock, manifest and vTPM
+//! state. The guest disk is not authenticated (as with dm-crypt).
+//!
+//! # Atomic vTPM write-back
+//!
+//! The new state goes to the inactive slot with generation + 1 and is synced; then the
+//! superblock, one 512-byte sector, is rewritten to name that slot and synced. A crash before
+//! the superblock write leaves the old superblock naming the old, intact slot; the superblock
+//! write is a single aligned sector, which storage writes whole (the same assumption the
+//! LUKS1 header update makes). The reader only trusts the slot the superblock names and
+//! requires its generation to match, so a tampered active slot is an error, never a silent
+//! fall-back to older state.
+
+use super::luks1::{self, LuksError, MasterKey};
+use super::volume::{EncryptedVolume, VolumeError};
+use super::xts::SECTOR_SIZE;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use zeroize::Zeroizing;
+
+/// The payload format version this module writes and reads.
+pub const PAYLOAD_VERSION: u32 = 1;
+const MAGIC: [u8; 8] = *b"SEALVMB\0";
+const MIB: u64 = 1 << 20;
+const MANIFEST_OFFSET: u64 = 4096;
+const MANIFEST_CAPACITY: u64 = MIB - 4096;
+const VTPM_OFFSET: u64 = MIB;
+const VTPM_SLOT_CAPACITY: u64 = MIB;
+const DISK_OFFSET: u64 = 3 * MIB;
+const SB_HMAC_AT: usize = 448;
+const RECORD_HEAD: usize = 48;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The region of a bundle a check refers to; errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// The LUKS1 header and key slots.
+    LuksHeader,
+    /// The payload superblock.
+    Superblock,
+    /// The VM-state manifest.
+    Manifest,
+    /// The active vTPM state slot.
+    VtpmState,
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Region::LuksHeader => "LUKS header",
+            Region::Superblock => "superblock",
+            Region::Manifest => "VM-state manifest",
+            Region::VtpmState => "vTPM state",
+        })
+    }
+}
+
+/// Errors creating, opening or updating a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The LUKS1 layer failed (wrong secret, bad header, I/O).
+    #[error("LUKS container")]
+    Luks(#[from] LuksError),
+    /// Sector I/O on the payload failed.
+    #[error("payload I/O")]
+    Volume(#[from] VolumeError),
+    /// Opening, creating or reading a file failed.
+    #[error("cannot open {path}")]
+    File {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A region's HMAC, magic or bounds check failed: the bundle was tampered with or damaged.
+    #[error("{0} failed its integrity check (tampered or damaged bundle)")]
+    Integrity(Region),
+    /// The payload version is not one this build reads.
+    #[error("unsupported bundle payload version {0}")]
+    UnsupportedVersion(u32),
+    /// The manifest or vTPM state does not fit its region.
+    #[error("{region} of {len} bytes exceeds its capacity of {capacity} bytes")]
+    TooLarge {
+        /// Which region.
+        region: Region,
+        /// Bytes needed.
+        len: u64,
+        /// Bytes available.
+        capacity: u64,
+    },
+    /// The manifest is not valid JSON for [`VmManifest`].
+    #[error("manifest JSON")]
+    ManifestJson(#[source] serde_json::Error),
+    /// A write-back step was cut short by a test failpoint.
+    #[error("failpoint at {0:?}")]
+    Failpoint(WriteStep),
+}
+
+/// The VM state kept in the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmManifest {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// SHA-256 of the kernel image, hex.
+    pub kernel_sha256: String,
+    /// SHA-256 of the initramfs, hex, when there is one.
+    pub initramfs_sha256: Option<String>,
+}
+
+/// The steps of a vTPM write-back, for failpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStep {
+    /// Before the new slot is written.
+    SlotWrite,
+    /// After the slot write, before its sync.
+    SlotSync,
+    /// Before the superblock is rewritten.
+    SuperblockWrite,
+    /// After the superblock write, before its sync.
+    SuperblockSync,
+}
+
+#[derive(Debug, Clone)]
+struct Superblock {
+    bundle_id: [u8; 16],
+    disk_bytes: u64,
+    active_slot: u32,
+    generation: u64,
+}
+
+/// An open bundle: the unlocked container with verified superblock. Holds the master key
+/// (zeroized on drop); never `Debug`.
+pub struct Bundle {
+    header: luks1::Header,
+    volume: EncryptedVolume,
+    superblock: Superblock,
+    master_key: MasterKey,
+    hmac_key: Zeroizing<Vec<u8>>,
+}
+
+/// Where the guest disk's initial contents come from.
+pub enum DiskSource<'a> {
+    /// An all-zero disk of this many bytes (rounded up to 1 MiB).
+    Empty(u64),
+    /// A raw image whose bytes are copied in (size rounded up to 1 MiB).
+    Raw(&'a Path),
+}
+
+impl Bundle {
+    /// Creates a new bundle at `path` (which must not exist) with `secret` in key slot 0.
+    pub fn create(
+        path: &Path,
+        secret: &[u8],
+        manifest: &VmManifest,
+        vtpm_state: &[u8],
+        disk: DiskSource<'_>,
+    ) -> Result<Self, BundleError> {
+        let file_err = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| BundleError::File { path, source }
+        };
+        let (disk_bytes, raw) = match disk {
+            DiskSource::Empty(bytes) => (bytes, None),
+            DiskSource::Raw(p) => {
+                let f = File::open(p).map_err(file_err(p))?;
+                let len = f.metadata().map_err(file_err(p))?.len();
+                (len, Some(f))
+            }
+        };
+        let disk_bytes = disk_bytes.div_ceil(MIB) * MIB;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(file_err(path))?;
+        let (header, master_key) = luks1::format(&file, secret, DISK_OFFSET + disk_bytes)?;
+        let volume = EncryptedVolume::new(file, &header, &master_key)?;
+        let mut bundle_id = [0u8; 16];
+        getrandom::getrandom(&mut bundle_id).map_err(LuksError::Random)?;
+        let mut bundle = Self {
+            hmac_key: derive_key(&master_key, b"sealvm bundle hmac v1"),
+            header,
+            volume,
+            superblock: Superblock {
+                bundle_id,
+                disk_bytes,
+                active_slot: 1,
+                generation: 0,
+            },
+            master_key,
+        };
+        bundle.write_manifest(manifest)?;
+        bundle.write_vtpm_state(vtpm_state)?;
+        if let Some(mut raw) = raw {
+            bundle.import_disk(&mut raw)?;
+        } else {
+            bundle.zero_disk()?;
+        }
+        bundle.volume.sync()?;
+        Ok(bundle)
+    }
+
+    /// Opens the bundle at `path` with the key-slot `secret` and verifies its superblock.
+    pub fn open(path: &Path, secret: &[u8], writable: bool) -> Result<Self, BundleError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| BundleError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (header, master_key, _) = luks1::unlock(&file, secret)?;
+        let volume = EncryptedVolume::new(file, &header, &master_key)?;
+        let hmac_key = derive_key(&master_key, b"sealvm bundle hmac v1");
+        let superblock = read_superblock(&volume, &hmac_key)?;
+        if DISK_OFFSET + superblock.disk_bytes > volume.sectors() * SECTOR_SIZE as u64 {
+            return Err(BundleError::Integrity(Region::Superblock));
+        }
+        Ok(Self {
+            header,
+            volume,
+            superblock,
+            master_key,
+            hmac_key,
+        })
+    }
+
+    /// The LUKS1 header (no secrets).
+    pub fn luks_header(&self) -> &luks1::Header {
+        &self.header
+    }
+
+    /// The bundle id: the LUKS UUID, readable without the key, which keys the sealed record
+    /// in the helper partition.
+    pub fn id(&self) -> String {
+        self.header.uuid.clone()
+    }
+
+    /// Guest disk size in bytes.
+    pub fn disk_bytes(&self) -> u64 {
+        self.superblock.disk_bytes
+    }
+
+    /// The generation of the current vTPM state (counts write-backs).
+    pub fn vtpm_generation(&self) -> u64 {
+        self.superblock.generation
+    }
+
+    /// The master key, for re-keying slots. Zeroized when the bundle drops.
+    pub fn master_key(&self) -> &[u8] {
+        &self.master_key
+    }
+
+    /// A 32-byte key for swtpm's own state encryption (`--key`), derived from the master key.
+    pub fn vtpm_encryption_key(&self) -> Zeroizing<Vec<u8>> {
+        derive_key(&self.master_key, b"sealvm vtpm state key v1")
+    }
+
+    /// Reads and verifies the manifest.
+    pub fn manifest(&self) -> Result<VmManifest, BundleError> {
+        let json = self.read_record(
+            MANIFEST_OFFSET,
+            MANIFEST_CAPACITY,
+            Region::Manifest,
+            |len| {
+                record_mac(
+                    &self.hmac_key,
+                    b"manifest",
+                    &self.superblock.bundle_id,
+                    &[],
+                    len,
+                )
+            },
+        )?;
+        serde_json::from_slice(&json).map_err(BundleError::ManifestJson)
+    }
+
+    /// Reads and verifies the active vTPM state blob.
+    pub fn vtpm_state(&self) -> Result<Zeroizing<Vec<u8>>, BundleError> {
+        let sb = &self.superblock;
+        let offset = VTPM_OFFSET + u64::from(sb.active_slot) * VTPM_SLOT_CAPACITY;
+        let mut prefix = Vec::with_capacity(16);
+        prefix.extend_from_slice(&sb.active_slot.to_le_bytes());
+        prefix.extend_from_slice(&sb.generation.to_le_bytes());
+        let state = self.read_record(offset, VTPM_SLOT_CAPACITY, Region::VtpmState, |len| {
+            record_mac(&self.hmac_key, b"vtpm", &sb.bundle_id, &prefix, len)
+        })?;
+        Ok(Zeroizing::new(state.to_vec()))
+    }
+
+    /// Writes `state` as the new vTPM state, atomically (see the module docs).
+    pub fn write_vtpm_state(&mut self, state: &[u8]) -> Result<(), BundleError> {
+        self.write_vtpm_state_with(state, |_| Ok(()))
+    }
+
+    /// [`Self::write_vtpm_state`] with a failpoint hook called before each step; a hook error
+    /// stops the write-back there, as a crash would.
+    pub fn write_vtpm_state_with(
+        &mut self,
+        state: &[u8],
+        mut failpoint: impl FnMut(WriteStep) -> Result<(), BundleError>,
+    ) -> Result<(), BundleError> {
+        let slot = 1 - self.superblock.active_slot;
+        let generation = self.superblock.generation + 1;
+        let mut prefix = Vec::with_capacity(16);
+        prefix.extend_from_slice(&slot.to_le_bytes());
+        prefix.extend_from_slice(&generation.to_le_bytes());
+        let record = {
+            let id = self.superblock.bundle_id;
+            let key = &self.hmac_key;
+            build_record(
+                b"VTPM",
+                generation,
+                state,
+                VTPM_SLOT_CAPACITY,
+                Region::VtpmState,
+                |len| record_mac(key, b"vtpm", &id, &prefix, len),
+            )?
+        };
+        failpoint(WriteStep::SlotWrite)?;
+        let offset = VTPM_OFFSET + u64::from(slot) * VTPM_SLOT_CAPACITY;
+        self.volume
+            .write_sectors(offset / SECTOR_SIZE as u64, &record)?;
+        failpoint(WriteStep::SlotSync)?;
+        self.volume.sync()?;
+        let mut next = self.superblock.clone();
+        next.active_slot = slot;
+        next.generation = generation;
+        failpoint(WriteStep::SuperblockWrite)?;
+        self.volume
+            .write_sectors(0, &superblock_bytes(&next, &self.hmac_key))?;
+        failpoint(WriteStep::SuperblockSync)?;
+        self.volume.sync()?;
+        self.superblock = next;
+        Ok(())
+    }
+
+    /// Reads guest-disk bytes at `offset` (both sector aligned), decrypting them.
+    pub fn read_disk(&self, offset: u64, buf: &mut [u8]) -> Result<(), BundleError> {
+        self.check_disk(offset, buf.len())?;
+        Ok(self
+            .volume
+            .read_sectors((DISK_OFFSET + offset) / SECTOR_SIZE as u64, buf)?)
+    }
+
+    /// Writes guest-disk bytes at `offset` (both sector aligned), encrypting them.
+    pub fn write_disk(&self, offset: u64, data: &[u8]) -> Result<(), BundleError> {
+        self.check_disk(offset, data.len())?;
+        Ok(self
+            .volume
+            .write_sectors((DISK_OFFSET + offset) / SECTOR_SIZE as u64, data)?)
+    }
+
+    /// Flushes the container to stable storage.
+    pub fn sync(&self) -> Result<(), BundleError> {
+        Ok(self.volume.sync()?)
+    }
+
+    /// Byte offset of the guest disk from the start of the LUKS payload (for `qemu-img`
+    /// style access through the plain LUKS view).
+    pub fn disk_offset_in_payload() -> u64 {
+        DISK_OFFSET
+    }
+
+    fn check_disk(&self, offset: u64, len: usize) -> Result<(), BundleError> {
+        let end = offset.saturating_add(len as u64);
+        if offset % SECTOR_SIZE as u64 != 0 || end > self.superblock.disk_bytes {
+            return Err(VolumeError::OutOfRange {
+                first: offset / SECTOR_SIZE as u64,
+                end: end.div_ceil(SECTOR_SIZE as u64),
+                sectors: self.superblock.disk_bytes / SECTOR_SIZE as u64,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn write_manifest(&mut self, manifest: &VmManifest) -> Result<(), BundleError> {
+        let json = serde_json::to_vec(manifest).map_err(BundleError::ManifestJson)?;
+        let id = self.superblock.bundle_id;
+        let record = build_record(
+            &[0; 4],
+            0,
+            &json,
+            MANIFEST_CAPACITY,
+            Region::Manifest,
+            |len| record_mac(&self.hmac_key, b"manifest", &id, &[], len),
+        )?;
+        self.volume
+            .write_sectors(MANIFEST_OFFSET / SECTOR_SIZE as u64, &record)?;
+        Ok(())
+    }
+
+    fn import_disk(&self, raw: &mut File) -> Result<(), BundleError> {
+        use std::io::Read;
+        let mut buf = Zeroizing::new(vec![0u8; MIB as usize]);
+        let mut offset = 0;
+        loop {
+            buf.fill(0);
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = raw
+                    .read(&mut buf[filled..])
+                    .map_err(|source| BundleError::File {
+                        path: "raw disk".into(),
+                        source,
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            self.write_disk(offset, &buf)?;
+            offset += MIB;
+        }
+        while offset < self.superblock.disk_bytes {
+            buf.fill(0);
+            self.write_disk(offset, &buf)?;
+            offset += MIB;
+        }
+        Ok(())
+    }
+
+    fn zero_disk(&self) -> Result<(), BundleError> {
+        let zeros = vec![0u8; MIB as usize];
+        let mut offset = 0;
+        while offset < self.superblock.disk_bytes {
+            self.write_disk(offset, &zeros)?;
+            offset += MIB;
+        }
+        Ok(())
+    }
+
+    /// Reads a record (head + body) at `offset` and checks its MAC; returns the body.
+    fn read_record(
+        &self,
+        offset: u64,
+        capacity: u64,
+        region: Region,
+        mac: impl Fn(&[u8]) -> HmacSha256,
+    ) -> Result<Zeroizing<Vec<u8>>, BundleError> {
+        let mut head = [0u8; SECTOR_SIZE];
+        self.volume
+            .read_sectors(offset / SECTOR_SIZE as u64, &mut head)?;
+        let len = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as u64;
+        if len > capacity - RECORD_HEAD as u64 {
+            return Err(BundleError::Integrity(region));
+        }
+        let total = (RECORD_HEAD as u64 + len).div_ceil(SECTOR_SIZE as u64) * SECTOR_SIZE as u64;
+        let mut record = Zeroizing::new(vec![0u8; total as usize]);
+        self.volume
+            .read_sectors(offset / SECTOR_SIZE as u64, &mut record)?;
+        let body = &record[RECORD_HEAD..RECORD_HEAD + len as usize];
+        let mut m = mac(&record[..16]);
+        m.update(body);
+        m.verify_slice(&record[16..48])
+            .map_err(|_| BundleError::Integrity(region))?;
+        Ok(Zeroizing::new(body.to_vec()))
+    }
+}
+
+/// Record head: magic (4), generation u64 (8), length u32 (4), MAC (32); body follows. The MAC
+/// covers the domain, the bundle id, the caller's prefix, the first 16 head bytes and the body.
+fn build_record(
+    magic: &[u8; 4],
+    generation: u64,
+    body: &[u8],
+    capacity: u64,
+    region: Region,
+    mac: impl Fn(&[u8]) -> HmacSha256,
+) -> Result<Zeroizing<Vec<u8>>, BundleError> {
+    let len = body.len() as u64;
+    if len > capacity - RECORD_HEAD as u64 {
+        return Err(BundleError::TooLarge {
+            region,
+            len,
+            capacity: capacity - RECORD_HEAD as u64,
+        });
+    }
+    let total = (RECORD_HEAD as u64 + len).div_ceil(SECTOR_SIZE as u64) * SECTOR_SIZE as u64;
+    let mut record = Zeroizing::new(vec![0u8; total as usize]);
+    record[0..4].copy_from_slice(magic);
+    record[4..12].copy_from_slice(&generation.to_le_bytes());
+    record[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+    record[RECORD_HEAD..RECORD_HEAD + body.len()].copy_from_slice(body);
+    let mut m = mac(&record[..16]);
+    m.update(body);
+    let tag = m.finalize().into_bytes();
+    record[16..48].copy_from_slice(&tag);
+    Ok(record)
+}
+
+fn record_mac(key: &[u8], domain: &[u8], id: &[u8; 16], prefix: &[u8], head: &[u8]) -> HmacSha256 {
+    // Key length is never rejected by HMAC; new_from_slice only fails for fixed-size MACs.
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
+    m.update(domain);
+    m.update(id);
+    m.update(prefix);
+    m.update(head);
+    m
+}
+
+fn derive_key(master_key: &[u8], label: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut m =
+        <HmacSha256 as Mac>::new_from_slice(master_key).expect("HMAC accepts any key length");
+    m.update(label);
+    Zeroizing::new(m.finalize().into_bytes().to_vec())
+}
+
+fn superblock_bytes(sb: &Superblock, hmac_key: &[u8]) -> [u8; SECTOR_SIZE] {
+    let mut b = [0u8; SECTOR_SIZE];
+    b[0..8].copy_from_slice(&MAGIC);
+    b[8..12].copy_from_slice(&PAYLOAD_VERSION.to_le_bytes());
+    b[16..32].copy_from_slice(&sb.bundle_id);
+    let fields = [
+        MANIFEST_OFFSET,
+        MANIFEST_CAPACITY,
+        VTPM_OFFSET,
+        VTPM_SLOT_CAPACITY,
+        DISK_OFFSET,
+        sb.disk_bytes,
+    ];
+    for (i, v) in fields.iter().enumerate() {
+        b[32 + 8 * i..40 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    b[80..84].copy_from_slice(&sb.active_slot.to_le_bytes());
+    b[88..96].copy_from_slice(&sb.generation.to_le_bytes());
+    let mut m = <HmacSha256 as Mac>::new_from_slice(hmac_key).expect("HMAC accepts any key length");
+    m.update(b"superblock");
+    m.update(&b[..SB_HMAC_AT]);
+    b[SB_HMAC_AT..SB_HMAC_AT + 32].copy_from_slice(&m.finalize().into_bytes());
+    b
+}
+
+fn read_superblock(volume: &EncryptedVolume, hmac_key: &[u8]) -> Result<Superblock, BundleError> {
+    let mut b = [0u8; SECTOR_SIZE];
+    volume.read_sectors(0, &mut b)?;
+    let mut m = <HmacSha256 as Mac>::new_from_slice(hmac_key).expect("HMAC accepts any key length");
+    m.update(b"superblock");
+    m.update(&b[..SB_HMAC_AT]);
+    m.verify_slice(&b[SB_HMAC_AT..SB_HMAC_AT + 32])
+        .map_err(|_| BundleError::Integrity(Region::Superblock))?;
+    if b[0..8] != MAGIC {
+        return Err(BundleError::Integrity(Region::Superblock));
+    }
+    let le64 = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+    let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if version != PAYLOAD_VERSION {
+        return Err(BundleError::UnsupportedVersion(version));
+    }
+    let layout = [le64(32), le64(40), le64(48), le64(56), le64(64)];
+    if layout
+        != [
+            MANIFEST_OFFSET,
+            MANIFEST_CAPACITY,
+            VTPM_OFFSET,
+            VTPM_SLOT_CAPACITY,
+            DISK_OFFSET,
+        ]
+    {
+        return Err(BundleError::Integrity(Region::Superblock));
+    }
+    let active_slot = u32::from_le_bytes([b[80], b[81], b[82], b[83]]);
+    if active_slot > 1 {
+        return Err(BundleError::Integrity(Region::Superblock));
+    }
+    let mut bundle_id = [0u8; 16];
+    bundle_id.copy_from_slice(&b[16..32]);
+    Ok(Superblock {
+        bundle_id,
+        disk_bytes: le64(72),
+        active_slot,
+        generation: le64(88),
+    })
+}

@@ -1,0 +1,215 @@
+//! A guest's vTPM: swtpm started on the state restored from its bundle, with swtpm's own
+//! state encryption keyed from the bundle, and the state written back into the bundle when
+//! the VM stops.
+//!
+//! The state directory is a private directory on /dev/shm (memory); the files swtpm keeps
+//! there are encrypted with the bundle-derived key, and the key file is removed by swtpm as
+//! soon as it has read it (`remove=true`). The VMM's TPM CRB device talks to the data socket
+//! and uses the control socket for the TPM's power and locality.
+
+use crate::bundle::payload::{Bundle, BundleError};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// swtpm's state file for a TPM 2.0.
+const STATE_FILE: &str = "tpm2-00.permall";
+
+/// Errors starting, stopping or saving the vTPM.
+#[derive(Debug, thiserror::Error)]
+pub enum VtpmError {
+    /// A file in the private state directory could not be written or read.
+    #[error("vTPM state directory I/O on {path}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// swtpm could not be spawned or did not come up.
+    #[error("swtpm for the guest did not start: {0}")]
+    Start(&'static str),
+    /// `swtpm_ioctl -s` failed to shut swtpm down cleanly.
+    #[error("swtpm for the guest did not shut down cleanly")]
+    Shutdown,
+    /// Writing the state back into the bundle failed.
+    #[error("cannot write the vTPM state back into the bundle")]
+    WriteBack(#[source] BundleError),
+}
+
+/// How the VMM (or a test) reaches the vTPM.
+#[derive(Debug, Clone)]
+pub enum VtpmEndpoint {
+    /// Unix sockets: data and control, for the CRB device.
+    Unix {
+        /// TPM command socket.
+        data: PathBuf,
+        /// swtpm control socket.
+        ctrl: PathBuf,
+    },
+    /// Loopback TCP: data on `port`, control on `port + 1` (tests, tpm2-tools).
+    Tcp {
+        /// The data port.
+        port: u16,
+    },
+}
+
+/// A running swtpm serving one guest's vTPM.
+pub struct Vtpm {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    endpoint: VtpmEndpoint,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VtpmError {
+    let path = path.display().to_string();
+    move |source| VtpmError::Io { path, source }
+}
+
+impl Vtpm {
+    /// Restores `state` (from [`Bundle::vtpm_state`]) into a private directory and starts
+    /// swtpm on it with the state key `key_hex` (32 hex digits). `tcp` selects a loopback TCP
+    /// endpoint instead of unix sockets.
+    pub fn start(state: &[u8], key_hex: &str, tcp: bool) -> Result<Self, VtpmError> {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("sealvm-vtpm-")
+            .tempdir_in(&base)
+            .map_err(io_err(&base))?;
+        let state_path = dir.path().join(STATE_FILE);
+        std::fs::write(&state_path, state).map_err(io_err(&state_path))?;
+        let key_path = dir.path().join("key");
+        let mut key_file = std::fs::File::create(&key_path).map_err(io_err(&key_path))?;
+        key_file
+            .write_all(key_hex.as_bytes())
+            .map_err(io_err(&key_path))?;
+        drop(key_file);
+        let endpoint = if tcp {
+            VtpmEndpoint::Tcp {
+                port: super::swtpm::free_port_pair().ok_or(VtpmError::Start("no free port"))?,
+            }
+        } else {
+            VtpmEndpoint::Unix {
+                data: dir.path().join("data.sock"),
+                ctrl: dir.path().join("ctrl.sock"),
+            }
+        };
+        let (server, ctrl) = match &endpoint {
+            VtpmEndpoint::Unix { data, ctrl } => (
+                format!("type=unixio,path={}", data.display()),
+                format!("type=unixio,path={}", ctrl.display()),
+            ),
+            VtpmEndpoint::Tcp { port } => (
+                format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+            ),
+        };
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--server", &server, "--ctrl", &ctrl])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", dir.path().display()))
+            .arg("--key")
+            .arg(format!(
+                "file={},format=hex,mode=aes-cbc,remove=true",
+                key_path.display()
+            ))
+            .args(["--flags", "not-need-init,startup-clear"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|_| VtpmError::Start("cannot spawn swtpm"))?;
+        let mut vtpm = Self {
+            child: Some(child),
+            dir,
+            endpoint,
+        };
+        vtpm.wait_listening()?;
+        Ok(vtpm)
+    }
+
+    fn wait_listening(&mut self) -> Result<(), VtpmError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = match &self.endpoint {
+                VtpmEndpoint::Unix { data, ctrl } => data.exists() && ctrl.exists(),
+                VtpmEndpoint::Tcp { port } => {
+                    std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok()
+                        && std::net::TcpStream::connect(("127.0.0.1", *port + 1)).is_ok()
+                }
+            };
+            if up {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .map(|c| matches!(c.try_wait(), Ok(Some(_))))
+                .unwrap_or(true);
+            if exited || Instant::now() > deadline {
+                return Err(VtpmError::Start(
+                    "swtpm exited or did not listen (wrong state key?)",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Where the vTPM listens.
+    pub fn endpoint(&self) -> &VtpmEndpoint {
+        &self.endpoint
+    }
+
+    /// The TCTI for tss-esapi/tpm2-tools when the endpoint is TCP.
+    pub fn tcti(&self) -> Option<String> {
+        match &self.endpoint {
+            VtpmEndpoint::Tcp { port } => Some(format!("swtpm:host=127.0.0.1,port={port}")),
+            VtpmEndpoint::Unix { .. } => None,
+        }
+    }
+
+    /// Shuts swtpm down cleanly (it saves its state) and writes the state back into `bundle`
+    /// atomically. The state stays encrypted with the bundle-derived key throughout.
+    pub fn stop_and_write_back(mut self, bundle: &mut Bundle) -> Result<(), VtpmError> {
+        let mut ioctl = Command::new("swtpm_ioctl");
+        match &self.endpoint {
+            VtpmEndpoint::Unix { ctrl, .. } => ioctl.arg("--unix").arg(ctrl),
+            VtpmEndpoint::Tcp { port } => ioctl.arg("--tcp").arg(format!("127.0.0.1:{}", port + 1)),
+        };
+        let ok = ioctl
+            .arg("-s")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        let child = self.child.take();
+        if let Some(mut child) = child {
+            if !ok {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(VtpmError::Shutdown);
+            }
+            let _ = child.wait();
+        }
+        let state_path = self.dir.path().join(STATE_FILE);
+        let state = std::fs::read(&state_path).map_err(io_err(&state_path))?;
+        bundle
+            .write_vtpm_state(&state)
+            .map_err(VtpmError::WriteBack)
+    }
+}
+
+impl Drop for Vtpm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The trusted-launch part of `cargo xtask demo`: provision a sealed bundle on a swtpm
+//! "host TPM", show the inspection and attestation report, then change PCR 16 and show the
+//! refusal. Booting the bundle is the VMM's part and joins the demo when it lands.
+
+use crate::images;
+use crate::process::{run, step};
+use anyhow::{Context, Result};
+use sealvm::tpm::swtpm::SwtpmProcess;
+use sealvm::tpm::HostTpm;
+use sealvm_testkit::Workspace;
+use std::process::Command;
+
+/// Runs the sealed-bundle demo with the Linux guest's kernel and initramfs.
+pub fn run_demo(workspace: &Workspace, built: &images::Built) -> Result<()> {
+    step("demo: building sealvm");
+    run(Command::new("cargo")
+        .current_dir(workspace.root())
+        .args(["build", "--quiet", "-p", "sealvm"]))?;
+    let sealvm = workspace.binary("sealvm")?;
+    let dir = tempfile::tempdir()?;
+    let host_tpm = SwtpmProcess::start(&dir.path().join("host-tpm"))?;
+    let tcti = host_tpm.tcti();
+    let helper = dir.path().join("helper.img");
+    let bundle = dir.path().join("web1.svm");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let sealvm_cmd = |args: &[String]| {
+        let mut c = Command::new(&sealvm);
+        c.args(args);
+        c
+    };
+    step("demo: sealvm helper-partition init helper.img");
+    run(&mut sealvm_cmd(&[
+        "helper-partition".into(),
+        "init".into(),
+        path(&helper),
+    ]))?;
+    step("demo: sealvm bundle create web1.svm (sealed to PCRs 16,23 of the swtpm host TPM)");
+    let mut create: Vec<String> = ["bundle", "create"].map(String::from).to_vec();
+    create.extend([
+        path(&bundle),
+        "--helper-disk".into(),
+        path(&helper),
+        "--tcti".into(),
+        tcti.clone(),
+    ]);
+    create.extend(
+        [
+            "--pcrs",
+            "16,23",
+            "--disk-size",
+            "16M",
+            "--cmdline",
+            "console=ttyS0",
+        ]
+        .map(String::from),
+    );
+    create.extend(["--kernel".into(), path(&built.linux_guest.kernel)]);
+    create.extend(["--initramfs".into(), path(&built.linux_guest.initramfs)]);
+    run(&mut sealvm_cmd(&create))?;
+    let tpm_args = [
+        "--helper-disk".to_string(),
+        path(&helper),
+        "--tcti".into(),
+        tcti.clone(),
+    ];
+    step("demo: sealvm bundle inspect web1.svm");
+    let mut inspect = vec!["bundle".into(), "inspect".into(), path(&bundle)];
+    inspect.extend(tpm_args.clone());
+    run(&mut sealvm_cmd(&inspect))?;
+    let mut attest = vec![
+        "run".into(),
+        "--bundle".into(),
+        path(&bundle),
+        "--attest-only".into(),
+    ];
+    attest.extend(tpm_args);
+    step("demo: sealvm run --attest-only on the trusted host");
+    run(&mut sealvm_cmd(&attest))?;
+    step("demo: extending host PCR 16 (an unplanned host change)");
+    HostTpm::connect(&tcti)
+        .context("connect to the host swtpm")?
+        .extend_pcr(16, b"unplanned change")?;
+    step("demo: sealvm run --attest-only now refuses");
+    let status = sealvm_cmd(&attest).status()?;
+    anyhow::ensure!(!status.success(), "an untrusted host was not refused");
+    step("demo: launch refused, as it should be");
+    Ok(())
+}
