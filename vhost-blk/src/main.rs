@@ -320,7 +320,11 @@ fn serve_device(
             handler.send_exit_event();
         }
         match result {
-            Ok(()) => tracing::info!("frontend disconnected; waiting for the next one"),
+            // A frontend that goes away (the VM shut down) is the normal end of a connection.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!("frontend disconnected; waiting for the next one"),
             Err(e) => {
                 tracing::warn!(error = %e, "frontend connection ended with an error; waiting for the next one")
             }
