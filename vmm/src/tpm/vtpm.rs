@@ -143,8 +143,10 @@ impl Vtpm {
                         && std::net::TcpStream::connect(("127.0.0.1", *port + 1)).is_ok()
                 }
             };
+            // swtpm listens before it has loaded its state, and exits when the state does
+            // not decrypt: only a TPM command answered with success proves it is up.
             if up {
-                return Ok(());
+                return self.answers_a_command();
             }
             let exited = self
                 .child
@@ -157,6 +159,45 @@ impl Vtpm {
                 ));
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends TPM2_GetRandom(8) on the data channel and requires a success response.
+    fn answers_a_command(&mut self) -> Result<(), VtpmError> {
+        use std::io::Read;
+        const GET_RANDOM: [u8; 12] = [
+            0x80, 0x01, // TPM_ST_NO_SESSIONS
+            0x00, 0x00, 0x00, 0x0c, // size
+            0x00, 0x00, 0x01, 0x7b, // TPM_CC_GetRandom
+            0x00, 0x08, // bytesRequested
+        ];
+        fn round_trip(stream: &mut dyn ReadWrite) -> std::io::Result<[u8; 10]> {
+            stream.write_all(&GET_RANDOM)?;
+            let mut header = [0u8; 10];
+            stream.read_exact(&mut header)?;
+            Ok(header)
+        }
+        trait ReadWrite: Read + Write {}
+        impl<T: Read + Write> ReadWrite for T {}
+        let timeout = Some(Duration::from_secs(10));
+        let answer = match &self.endpoint {
+            VtpmEndpoint::Tcp { port } => std::net::TcpStream::connect(("127.0.0.1", *port))
+                .and_then(|mut s| {
+                    s.set_read_timeout(timeout)?;
+                    round_trip(&mut s)
+                }),
+            VtpmEndpoint::Unix { data, .. } => std::os::unix::net::UnixStream::connect(data)
+                .and_then(|mut s| {
+                    s.set_read_timeout(timeout)?;
+                    round_trip(&mut s)
+                }),
+        };
+        match answer {
+            Ok(header) if header[6..10] == [0, 0, 0, 0] => Ok(()),
+            Ok(_) => Err(VtpmError::Start("swtpm answered with a TPM error")),
+            Err(_) => Err(VtpmError::Start(
+                "swtpm exited after it started listening (wrong state key?)",
+            )),
         }
     }
 
