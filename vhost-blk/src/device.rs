@@ -2,10 +2,10 @@
 //! that turns each descriptor chain into a request for the volume. Requests are parsed and
 //! run by the sealvm-virtio-blk crate, which checks everything the guest sends.
 
-use sealvm_virtio_blk::request::Rejected;
+use crate::counters::DeviceCounters;
 use sealvm_virtio_blk::{BlockBackend, ConfigSpace, Features, Limits, Request, Segment};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -21,17 +21,6 @@ use vmm_sys_util::event::{
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 /// Descriptors the device accepts per queue.
 const QUEUE_SIZE: usize = 256;
-
-/// Per-device request counters.
-#[derive(Debug, Default)]
-pub struct DeviceCounters {
-    /// Requests completed.
-    pub requests: AtomicU64,
-    /// Requests that failed because the guest sent something malformed.
-    pub guest_errors: AtomicU64,
-    /// Requests that failed in the storage.
-    pub io_errors: AtomicU64,
-}
 
 /// A vhost-user-blk device serving one volume.
 pub struct BlockDevice {
@@ -105,14 +94,22 @@ impl BlockDevice {
                 .collect();
             let used = match Request::parse(&*mem, &segments, &self.limits) {
                 Ok(request) => {
+                    let started = Instant::now();
                     let (used, error) = request.execute(&*mem, self.volume.as_ref(), &self.limits);
+                    self.counters.count_request(
+                        request.kind,
+                        request.data_len,
+                        started.elapsed(),
+                        error.is_none(),
+                    );
                     if let Some(error) = error {
                         self.count_error(&error);
                     }
                     used
                 }
                 Err(rejected) => {
-                    self.count_rejected(&rejected);
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.count_error(&rejected.error);
                     rejected.answer(&*mem)
                 }
             };
@@ -128,17 +125,8 @@ impl BlockDevice {
         Ok(())
     }
 
-    fn count_rejected(&self, rejected: &Rejected) {
-        self.count_error(&rejected.error);
-    }
-
     fn count_error(&self, error: &sealvm_virtio_blk::RequestError) {
-        let counter = if error.is_guest_error() {
-            &self.counters.guest_errors
-        } else {
-            &self.counters.io_errors
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.counters.count_error(error.is_guest_error());
         // Log at most once a second: a misbehaving guest must not flood the log.
         if let Ok(mut last) = self.last_error_log.lock() {
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {

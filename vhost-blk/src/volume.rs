@@ -52,6 +52,17 @@ pub struct VolumeCounters {
     pub bytes_written: AtomicU64,
     /// Flushes (fdatasync of the journal).
     pub flushes: AtomicU64,
+    /// fdatasyncs of the journal for any reason: flushes, write-through writes, bookmarks.
+    pub syncs: AtomicU64,
+}
+
+/// The oldest point in time a journal still reaches back to: its first record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OldestPoint {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When it was written, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
 }
 
 struct Tail {
@@ -62,6 +73,8 @@ struct Tail {
     /// Sector number to the offset of its newest data in the segment.
     index: HashMap<u64, u64>,
     bookmarks: Vec<Bookmark>,
+    /// The first record still in the journal, `None` while it is empty.
+    oldest: Option<OldestPoint>,
 }
 
 /// A volume served from a base image and its journal.
@@ -154,6 +167,10 @@ impl JournaledVolume {
                 next_seq: summary.last_seq + 1,
                 index,
                 bookmarks,
+                oldest: (summary.records > 0).then_some(OldestPoint {
+                    seq: summary.last_seq + 1 - summary.records,
+                    time_ns: summary.first_time_ns,
+                }),
             }),
             write_through,
             id,
@@ -187,7 +204,8 @@ impl JournaledVolume {
         payload: &[u8],
     ) -> io::Result<u64> {
         let seq = tail.next_seq;
-        let record = format::encode(kind, seq, journal::now_ns(), offset, payload);
+        let time_ns = journal::now_ns();
+        let record = format::encode(kind, seq, time_ns, offset, payload);
         self.segment.write_all_at(&record, tail.end)?;
         if kind == RecordKind::Write {
             let first = offset / SECTOR;
@@ -198,6 +216,7 @@ impl JournaledVolume {
         }
         tail.end += record.len() as u64;
         tail.next_seq += 1;
+        tail.oldest.get_or_insert(OldestPoint { seq, time_ns });
         Ok(seq)
     }
 
@@ -211,7 +230,7 @@ impl JournaledVolume {
         }
         let mut tail = self.tail()?;
         let seq = self.append(&mut tail, RecordKind::Bookmark, 0, name.as_bytes())?;
-        self.segment.sync_data()?;
+        self.sync()?;
         let bookmark = Bookmark {
             name: name.into(),
             seq,
@@ -224,6 +243,16 @@ impl JournaledVolume {
     /// Bookmarks made so far.
     pub fn bookmarks(&self) -> Vec<Bookmark> {
         self.tail().map(|t| t.bookmarks.clone()).unwrap_or_default()
+    }
+
+    /// The oldest point in time the journal reaches back to, `None` while it is empty.
+    pub fn oldest_point(&self) -> Option<OldestPoint> {
+        self.tail().ok().and_then(|t| t.oldest)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.segment.sync_data()
     }
 
     /// Size of the journal in bytes and the last sequence number.
@@ -263,7 +292,7 @@ impl BlockBackend for JournaledVolume {
             .bytes_written
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         if self.write_through {
-            self.segment.sync_data()?;
+            self.sync()?;
         }
         Ok(())
     }
@@ -271,7 +300,7 @@ impl BlockBackend for JournaledVolume {
     fn flush(&self) -> io::Result<()> {
         // Every write acknowledged before this flush is already in the segment file.
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        self.segment.sync_data()
+        self.sync()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
