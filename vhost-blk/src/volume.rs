@@ -385,27 +385,78 @@ mod tests {
         assert_eq!(volume.journal_position().1, 4);
     }
 
+    /// Writes three one-sector records (seq 1..=3) and returns the segment's path.
+    fn three_records(base_path: &Path, journal: &Path) -> PathBuf {
+        let (volume, _) = JournaledVolume::open(base_path, journal, false).unwrap();
+        for i in 0..3u8 {
+            volume.write_at(u64::from(i) * 512, &[i + 1; 512]).unwrap();
+        }
+        volume.flush().unwrap();
+        journal::segment_path(journal)
+    }
+
     #[test]
-    fn a_flipped_byte_ends_the_journal_at_that_record() {
+    fn a_damaged_last_record_is_cut_as_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = base(dir.path(), 16);
         let journal = dir.path().join("j");
-        {
-            let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
-            volume.write_at(0, &[1; 512]).unwrap();
-            volume.write_at(512, &[2; 512]).unwrap();
-            volume.flush().unwrap();
-        }
-        let segment = journal::segment_path(&journal);
+        let segment = three_records(&base_path, &journal);
         let mut bytes = std::fs::read(&segment).unwrap();
-        let second = format::record_len(512) as usize;
-        bytes[second + HEADER_LEN + 100] ^= 1;
+        let last = 2 * format::record_len(512) as usize;
+        bytes[last + HEADER_LEN + 100] ^= 1;
         std::fs::write(&segment, &bytes).unwrap();
         let (volume, opened) = JournaledVolume::open(&base_path, &journal, false).unwrap();
-        assert_eq!(opened.records, 1);
+        assert_eq!(
+            opened,
+            Opened {
+                records: 2,
+                dropped_bytes: format::record_len(512)
+            }
+        );
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), last as u64);
         let mut buf = [0u8; 512];
-        volume.read_at(512, &mut buf).unwrap();
-        assert_eq!(buf, [0x11; 512], "the corrupt record's data was served");
+        volume.read_at(1024, &mut buf).unwrap();
+        assert_eq!(buf, [0x11; 512], "the torn record's data was served");
+    }
+
+    #[test]
+    fn damage_followed_by_valid_records_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let segment = three_records(&base_path, &journal);
+        let original = std::fs::read(&segment).unwrap();
+        let second = format::record_len(512) as usize;
+        // A flipped payload byte, and a header wiped to zeroes: both inside the journal.
+        for (at, damage) in [(second + HEADER_LEN + 100, 1u8), (second, 0xff)] {
+            let mut bytes = original.clone();
+            if damage == 0xff {
+                bytes[at..at + HEADER_LEN].fill(0);
+            } else {
+                bytes[at] ^= damage;
+            }
+            std::fs::write(&segment, &bytes).unwrap();
+            match JournaledVolume::open(&base_path, &journal, false) {
+                Err(VolumeError::Replay(JournalError::Corrupt {
+                    path,
+                    offset,
+                    seq,
+                    next_valid,
+                })) => {
+                    assert_eq!(path, segment);
+                    assert_eq!(offset, second as u64);
+                    assert_eq!(seq, 2);
+                    assert_eq!(next_valid, 2 * second as u64);
+                }
+                Err(e) => panic!("wrong error: {e}"),
+                Ok(_) => panic!("a journal damaged in the middle opened"),
+            }
+            assert_eq!(
+                std::fs::read(&segment).unwrap(),
+                bytes,
+                "the damaged journal was changed"
+            );
+        }
     }
 
     #[test]
