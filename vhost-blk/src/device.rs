@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -29,6 +29,13 @@ pub struct BlockDevice {
     config: Mutex<ConfigSpace>,
     num_queues: usize,
     event_idx: AtomicBool,
+    /// The driver negotiated VIRTIO_BLK_F_FLUSH; without it, it expects write-through.
+    flush_negotiated: AtomicBool,
+    /// The driver negotiated VIRTIO_BLK_F_CONFIG_WCE, which makes `writeback` writable.
+    wce_negotiated: AtomicBool,
+    /// Every write is made durable before it is acknowledged: the driver turned the cache
+    /// off (`writeback` = 0) or cannot flush.
+    write_through: AtomicBool,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     /// Counters for the API.
     pub counters: DeviceCounters,
@@ -58,6 +65,9 @@ impl BlockDevice {
             config: Mutex::new(config),
             num_queues,
             event_idx: AtomicBool::new(false),
+            flush_negotiated: AtomicBool::new(true),
+            wce_negotiated: AtomicBool::new(false),
+            write_through: AtomicBool::new(false),
             mem: Mutex::new(None),
             counters: DeviceCounters::default(),
             last_error_log: Mutex::new(None),
@@ -96,6 +106,7 @@ impl BlockDevice {
                 Ok(request) => {
                     let started = Instant::now();
                     let (used, error) = request.execute(&*mem, self.volume.as_ref(), &self.limits);
+                    let error = error.or_else(|| self.write_through_flush(&mem, &request));
                     self.counters.count_request(
                         request.kind,
                         request.data_len,
@@ -123,6 +134,40 @@ impl BlockDevice {
             vring.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// True while every write is made durable before it is acknowledged.
+    pub fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Acquire)
+    }
+
+    fn update_cache_mode(&self, writeback: u8) {
+        let write_through = writeback == 0 || !self.flush_negotiated.load(Ordering::Acquire);
+        self.write_through.store(write_through, Ordering::Release);
+    }
+
+    /// In write-through mode, makes a successful write durable before it is acknowledged.
+    /// `execute` has written the status byte already, but the used ring entry that lets the
+    /// driver see it is published only after this returns; a failed flush turns the status
+    /// into IOERR and is returned to be counted.
+    fn write_through_flush(
+        &self,
+        mem: &GuestMemoryMmap,
+        request: &Request,
+    ) -> Option<sealvm_virtio_blk::RequestError> {
+        use sealvm_virtio_blk::{request::status, RequestError, RequestKind};
+        let writes = matches!(
+            request.kind,
+            RequestKind::Out | RequestKind::WriteZeroes | RequestKind::Discard
+        );
+        if !writes || !self.write_through() {
+            return None;
+        }
+        let source = self.volume.flush().err()?;
+        // The parser checked the status address; a driver that unmapped it since gets no
+        // answer either way.
+        let _ = mem.write_slice(&[status::IOERR], GuestAddress(request.status_addr));
+        Some(RequestError::Backend(source))
     }
 
     fn count_error(&self, error: &sealvm_virtio_blk::RequestError) {
@@ -175,6 +220,17 @@ impl VhostUserBackend for BlockDevice {
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
     }
 
+    fn acked_features(&self, features: u64) {
+        self.flush_negotiated
+            .store(features & Features::FLUSH != 0, Ordering::Release);
+        self.wce_negotiated
+            .store(features & Features::CONFIG_WCE != 0, Ordering::Release);
+        // The cache mode lasts across connections: a frontend that reconnects must not
+        // silently lose the write-through its driver asked for.
+        let writeback = self.config.lock().map_or(1, |c| c.writeback);
+        self.update_cache_mode(writeback);
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -189,8 +245,23 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        if let Ok(mut config) = self.config.lock() {
-            config.write(u64::from(offset), buf);
+        if !self.wce_negotiated.load(Ordering::Acquire) {
+            // Without CONFIG_WCE nothing in the configuration space is writable.
+            tracing::debug!(offset, len = buf.len(), "ignored a configuration write");
+            return Ok(());
+        }
+        let mut config = self
+            .config
+            .lock()
+            .map_err(|_| io::Error::other("configuration lock poisoned"))?;
+        if config.write(u64::from(offset), buf) {
+            self.update_cache_mode(config.writeback);
+            let write_through = self.write_through();
+            tracing::info!(write_through, "the driver changed the cache mode");
+            if write_through {
+                // Writes acknowledged under write-back become durable now too.
+                self.volume.flush()?;
+            }
         }
         Ok(())
     }

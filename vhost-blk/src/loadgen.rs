@@ -37,6 +37,9 @@ const DESC_F_WRITE: u16 = 2;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 const VERSION_1: u64 = 1 << 32;
 const FLUSH: u64 = 1 << 9;
+const CONFIG_WCE: u64 = 1 << 11;
+/// Offset of `writeback` in the virtio-blk configuration space.
+const WRITEBACK_OFFSET: u32 = 32;
 
 /// Errors driving a backend.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +111,7 @@ impl BlkDriver {
         frontend.set_owner().map_err(protocol("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
         // No EVENT_IDX: the backend then signals every completion, which keeps this simple.
-        let wanted = offered & (VERSION_1 | FLUSH | PROTOCOL_FEATURES_BIT);
+        let wanted = offered & (VERSION_1 | FLUSH | CONFIG_WCE | PROTOCOL_FEATURES_BIT);
         frontend
             .set_features(wanted)
             .map_err(protocol("SET_FEATURES"))?;
@@ -197,6 +200,25 @@ impl BlkDriver {
             capacity_sectors,
             timeout,
         })
+    }
+
+    /// Sets the device's cache mode as a driver does through the configuration space
+    /// (`writeback`: true for write-back, false for write-through), and reads it back.
+    /// Needs VIRTIO_BLK_F_CONFIG_WCE; returns the mode the device reports afterwards.
+    pub fn set_writeback(&mut self, writeback: bool) -> Result<bool, LoadError> {
+        let protocol = |step| move |source| LoadError::Protocol { step, source };
+        self.frontend
+            .set_config(
+                WRITEBACK_OFFSET,
+                VhostUserConfigFlags::WRITABLE,
+                &[u8::from(writeback)],
+            )
+            .map_err(protocol("SET_CONFIG"))?;
+        let (_, value) = self
+            .frontend
+            .get_config(WRITEBACK_OFFSET, 1, VhostUserConfigFlags::WRITABLE, &[0])
+            .map_err(protocol("GET_CONFIG"))?;
+        Ok(value.first() == Some(&1))
     }
 
     /// The volume's size in 512-byte sectors.
