@@ -72,11 +72,10 @@ fn a_disk_image_held_by_another_process_is_refused() {
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     // This test process holds the image's lock, as a running VM would.
     let holder = std::fs::File::open(&image).unwrap();
-    // SAFETY: flock on a descriptor `holder` keeps open.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&holder), libc::LOCK_EX) },
-        0
-    );
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&holder);
+    // SAFETY: flock only reads the descriptor number, which `holder` keeps open.
+    let locked = unsafe { libc::flock(fd, libc::LOCK_EX) };
+    assert_eq!(locked, 0);
     let disk = format!("path={}", image.display());
     fails_with(
         &["--kernel", s(&junk), "--memory", "64M", "--disk", &disk],
