@@ -7,6 +7,7 @@ mod bench_bundle;
 mod cpio;
 mod demo;
 mod demo_bundle;
+mod demo_vmm;
 mod images;
 mod process;
 mod setup;

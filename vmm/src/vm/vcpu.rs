@@ -220,7 +220,18 @@ fn run(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
                 return;
             }
             Ok(VcpuExit::InternalError) => {
-                tracing::error!(vcpu = id, "KVM internal error (emulation failed)");
+                // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the `internal` member of the
+                // kvm_run union is the one KVM filled in.
+                let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                tracing::error!(
+                    vcpu = id,
+                    suberror = internal.suberror,
+                    data = ?&internal.data[..n],
+                    rip = format_args!("{rip:#x}"),
+                    "KVM internal error (emulation failed)"
+                );
                 ctx.stop
                     .stop(StopReason::Error("KVM internal error in a vCPU"));
                 return;

@@ -1,6 +1,7 @@
 //! virtio-console with one port, reachable from the host through a unix socket (the guest
 //! agent's channel). One host client at a time; bytes from it fill the guest's receive
-//! buffers, bytes the guest transmits go to it (and are dropped while nobody is connected).
+//! buffers, bytes the guest transmits go to it. While nobody is connected the last 64 KiB
+//! the guest sent are kept and delivered to the next client.
 
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_CONSOLE,
@@ -20,6 +21,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const QUEUE_SIZE: u16 = 64;
+/// Bytes kept for a client that has not connected yet.
+const TX_BACKLOG: usize = 64 * 1024;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -98,6 +101,7 @@ impl VirtioDevice for Console {
             listener: self.listener.clone(),
             client: None,
             pending: Vec::new(),
+            backlog: std::collections::VecDeque::new(),
             counters: self.counters.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -149,6 +153,8 @@ struct Port {
     client: Option<UnixStream>,
     /// Bytes read from the client that did not fit in the guest's buffers yet.
     pending: Vec<u8>,
+    /// Bytes the guest sent while no client was connected.
+    backlog: std::collections::VecDeque<u8>,
     counters: Arc<ConsoleCounters>,
 }
 
@@ -179,11 +185,14 @@ impl Port {
                 return;
             }
             if fds[3].revents != 0 {
-                if let Ok((stream, _)) = self.listener.accept() {
+                if let Ok((mut stream, _)) = self.listener.accept() {
                     let _ = stream.set_nonblocking(true);
-                    // A new client replaces the old one.
-                    self.client = Some(stream);
-                    self.pending.clear();
+                    let backlog: Vec<u8> = self.backlog.drain(..).collect();
+                    if write_all_blocking(&mut stream, &backlog).is_ok() {
+                        // A new client replaces the old one.
+                        self.client = Some(stream);
+                        self.pending.clear();
+                    }
                 }
             }
             if fds[1].revents != 0 {
@@ -226,9 +235,14 @@ impl Port {
                 if self.client.take().is_some() {
                     tracing::debug!("console client went away");
                 }
-                self.counters
-                    .dropped_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.backlog.extend(bytes.iter());
+                let excess = self.backlog.len().saturating_sub(TX_BACKLOG);
+                if excess > 0 {
+                    self.backlog.drain(..excess);
+                    self.counters
+                        .dropped_bytes
+                        .fetch_add(excess as u64, Ordering::Relaxed);
+                }
             }
             if queue.add_used(&self.mem, head, 0).is_err() {
                 break;
