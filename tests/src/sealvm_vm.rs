@@ -17,9 +17,15 @@ pub struct SealvmVm {
 impl SealvmVm {
     /// Starts `sealvm run ARGS` with COM1 on stdout.
     pub fn start(sealvm: &Path, args: &[String]) -> std::io::Result<Self> {
-        let mut child = Command::new(sealvm)
-            .arg("run")
-            .args(args)
+        let mut command = Command::new(sealvm);
+        command.arg("run").args(args);
+        Self::spawn(&mut command)
+    }
+
+    /// Starts any VMM whose serial console is its stdout (QEMU with `-serial stdio`, for
+    /// benchmarks against a peer).
+    pub fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -91,6 +97,16 @@ impl SealvmVm {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A field of /proc/PID/status in KiB (VmHWM, RssShmem...), while the process runs.
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
     }
 }
 

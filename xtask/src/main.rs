@@ -4,6 +4,7 @@ mod bench;
 mod bench_agent;
 mod bench_blk;
 mod bench_bundle;
+mod bench_vmm;
 mod cpio;
 mod demo;
 mod demo_bundle;
