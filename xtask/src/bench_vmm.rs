@@ -89,7 +89,7 @@ pub fn rows(workspace: &Workspace, built: &images::Built) -> Result<Vec<Row>> {
             Ok(SealvmVm::spawn(&mut qemu)?)
         })?);
     }
-    let mut first = |s: &[Sample]| {
+    let first = |s: &[Sample]| {
         let mut d: Vec<Duration> = s.iter().map(|s| s.first_line).collect();
         millis(median(&mut d))
     };
