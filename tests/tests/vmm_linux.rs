@@ -1,18 +1,19 @@
 //! The stock Debian cloud kernel booting under sealvm on hardware KVM: it must find COM1 and
-//! the virtio-mmio disk through the ACPI tables alone and reach the guest's ready line.
+//! the virtio-mmio disk through the ACPI tables alone, reach the guest's ready line, and
+//! write to its disk from inside.
 //!
 //! On hosts whose /dev/kvm cannot run a stock kernel (the nested, software-assisted kvm-pvm
 //! of these machines), the test says why and does nothing; the probe guest tests
 //! (`vmm_probe`) are what prove sealvm on real KVM there.
 
 use sealvm_testkit::host::hardware_virtualization;
-use sealvm_testkit::Workspace;
-use std::io::{BufRead, BufReader};
+use sealvm_testkit::{Console, Workspace, GUEST_READY_LINE};
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
-fn debian_kernel_boots_to_the_ready_line_and_sees_its_disk() {
+fn debian_kernel_boots_to_the_ready_line_and_writes_its_disk() {
     if let Err(reason) = hardware_virtualization() {
         eprintln!("SKIPPED: a stock Linux kernel cannot run under sealvm here: {reason}");
         return;
@@ -24,6 +25,7 @@ fn debian_kernel_boots_to_the_ready_line_and_sees_its_disk() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let serial = dir.path().join("serial.sock");
     let mut child = Command::new(workspace.binary("sealvm").unwrap())
         .args(["run", "--memory", "512M", "--cpus", "2"])
         .arg("--kernel")
@@ -33,31 +35,39 @@ fn debian_kernel_boots_to_the_ready_line_and_sees_its_disk() {
         .args(["--cmdline", "console=ttyS0 panic=-1"])
         .arg("--disk")
         .arg(format!("path={}", disk.display()))
-        .stdout(Stdio::piped())
+        .arg("--serial")
+        .arg(format!("socket={}", serial.display()))
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        if let Ok(stream) = UnixStream::connect(&serial) {
+            break stream;
         }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut seen = Vec::new();
-    let mut ready = false;
-    while Instant::now() < deadline && !ready {
-        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
-            ready = line.contains("SEALVM-GUEST-READY");
-            seen.push(line);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let console = seen.join("\n");
-    assert!(ready, "no ready line; console:\n{console}");
+        assert!(
+            Instant::now() < deadline,
+            "sealvm did not open its serial socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let console = Console::start(stream.try_clone().unwrap(), stream, false);
+    let ready = console.wait_for(GUEST_READY_LINE, Duration::from_secs(120));
+    let transcript = console.transcript();
+    assert!(ready.is_ok(), "no ready line; console:\n{transcript}");
     assert!(
-        console.contains("vda"),
-        "virtio-mmio disk not found via ACPI:\n{console}"
+        transcript.contains("vda"),
+        "virtio-mmio disk not found via ACPI:\n{transcript}"
     );
+    let (out, status) = console
+        .run(
+            "printf SEALVM-LINUX-WROTE-THIS | dd of=/dev/vda bs=512 seek=8 conv=fsync 2>&1",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(status, 0, "{out}");
+    let _ = console.run("poweroff -f", Duration::from_secs(5));
+    let _ = child.wait();
+    let data = std::fs::read(&disk).unwrap();
+    assert_eq!(&data[4096..4096 + 23], b"SEALVM-LINUX-WROTE-THIS");
 }

@@ -335,3 +335,35 @@ fn a_vhost_user_backend_that_goes_away_is_reported_not_fatal() {
     assert_eq!(api.call(json!({"command": "shutdown"}))["ok"], true);
     assert!(vm.wait_exit(Duration::from_secs(20)).unwrap().success());
 }
+
+#[test]
+fn a_toml_config_file_describes_the_same_vm_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("cfg.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let config = dir.path().join("vm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = {:?}\nmemory = {}\ncpus = 1\ncmdline = \"from-the-file\"\ndisks = [{:?}]\nserial = \"stdout\"\n",
+            probe().display().to_string(),
+            64u64 << 20,
+            format!("path={},readonly", disk.display()),
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--cmdline".into(),
+        "from-the-flag".into(),
+    ];
+    let mut vm = SealvmVm::start(&sealvm(), &args).unwrap();
+    assert_probe_passed(&mut vm, &["blk-read", "blk-readonly"]);
+    let output = vm.output();
+    assert!(
+        output.contains("INFO cmdline from-the-flag sealvm.mmio=0xd0000000:5"),
+        "{output}"
+    );
+    assert!(vm.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
