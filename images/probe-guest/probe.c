@@ -326,6 +326,98 @@ static void test_console(struct dev *d) {
     }
 }
 
+
+/* ---- TPM 2.0 over CRB (sealvm.tpm=ADDR) ---- */
+#define NV_INDEX 0x01500016u
+static const char nv_data[16] = "sealvm-probe-nv!";
+static u8 tpm_rsp[256];
+static u32 tpm_rsp_len;
+
+static void be16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static void be32(u8 *p, u32 v) { p[0] = (u8)(v >> 24); p[1] = (u8)(v >> 16); p[2] = (u8)(v >> 8); p[3] = (u8)v; }
+static u32 rbe32(const u8 *p) { return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3]; }
+
+/* Sends `len` bytes of `cmd` (its size field is filled in) and returns the response code,
+   or 0xffffffff when the TPM did not answer. */
+static u32 tpm_send(uptr crb, u8 *cmd, u32 len) {
+    be32(cmd + 2, len);
+    wr32(crb + 0x40, 1);                                   /* cmdReady */
+    for (u32 i = 0; i < len; i++) *(volatile u8 *)(crb + 0x80 + i) = cmd[i];
+    wr32(crb + 0x4c, 1);                                   /* start */
+    u32 start = ticks;
+    while (rd32(crb + 0x4c) & 1) {
+        if (ticks - start > 300) return 0xffffffffu;
+        __asm__ volatile("sti; hlt");
+    }
+    for (u32 i = 0; i < 10; i++) tpm_rsp[i] = *(volatile u8 *)(crb + 0x80 + i);
+    tpm_rsp_len = rbe32(tpm_rsp + 2);
+    if (tpm_rsp_len > sizeof(tpm_rsp)) tpm_rsp_len = sizeof(tpm_rsp);
+    for (u32 i = 10; i < tpm_rsp_len; i++) tpm_rsp[i] = *(volatile u8 *)(crb + 0x80 + i);
+    wr32(crb + 0x40, 2);                                   /* goIdle */
+    return rbe32(tpm_rsp + 6);
+}
+
+/* The password session for an empty owner authorization. */
+static u32 put_pw_session(u8 *p) {
+    be32(p, 9);                                            /* authorizationSize */
+    be32(p + 4, 0x40000009);                               /* TPM_RS_PW */
+    be16(p + 8, 0);                                        /* nonce */
+    p[10] = 0;                                             /* attributes */
+    be16(p + 11, 0);                                       /* hmac */
+    return 13;
+}
+
+static u32 nv_read(uptr crb) {
+    u8 c[64]; u32 n = 0;
+    be16(c, 0x8002); n = 6; be32(c + n, 0x0000014e); n += 4;
+    be32(c + n, 0x40000001); n += 4;                       /* authHandle: owner */
+    be32(c + n, NV_INDEX); n += 4;
+    n += put_pw_session(c + n);
+    be16(c + n, sizeof(nv_data)); n += 2;                  /* size */
+    be16(c + n, 0); n += 2;                                /* offset */
+    return tpm_send(crb, c, n);
+}
+
+static void test_tpm(uptr crb) {
+    wr32(crb + 0x08, 1);                                   /* request locality 0 */
+    check(rd32(crb + 0x0c) & 1, "tpm-locality", "locality 0 not granted");
+    check((rd32(crb + 0x30) & 0xf) == 1, "tpm-crb-interface", "INTF_ID is not CRB");
+    u8 c[64]; u32 n;
+    be16(c, 0x8001); be32(c + 6, 0x0000017b); be16(c + 10, 8);
+    u32 rc = tpm_send(crb, c, 12);
+    check(rc == 0 && tpm_rsp_len == 20 && rbe32(tpm_rsp + 10) >> 16 == 8, "tpm-getrandom",
+          rc == 0xffffffffu ? "no answer" : "TPM2_GetRandom failed");
+    rc = nv_read(crb);
+    if (rc == 0 && tpm_rsp_len >= 16 + 16 && memeq(tpm_rsp + 16, nv_data, 16)) {
+        pass("tpm-nv-persisted");                          /* written by an earlier boot */
+        return;
+    }
+    /* First boot: define the index and write it. */
+    n = 0; be16(c, 0x8002); n = 6; be32(c + n, 0x0000012a); n += 4;
+    be32(c + n, 0x40000001); n += 4;
+    n += put_pw_session(c + n);
+    be16(c + n, 0); n += 2;                                /* auth */
+    be16(c + n, 14); n += 2;                               /* TPM2B_NV_PUBLIC size */
+    be32(c + n, NV_INDEX); n += 4;
+    be16(c + n, 0x000b); n += 2;                           /* sha256 */
+    be32(c + n, (1u << 1) | (1u << 17)); n += 4;           /* OWNERWRITE | OWNERREAD */
+    be16(c + n, 0); n += 2;                                /* authPolicy */
+    be16(c + n, sizeof(nv_data)); n += 2;                  /* dataSize */
+    rc = tpm_send(crb, c, n);
+    check(rc == 0, "tpm-nv-define", "TPM2_NV_DefineSpace failed");
+    n = 0; be16(c, 0x8002); n = 6; be32(c + n, 0x00000137); n += 4;
+    be32(c + n, 0x40000001); n += 4;
+    be32(c + n, NV_INDEX); n += 4;
+    n += put_pw_session(c + n);
+    be16(c + n, sizeof(nv_data)); n += 2;
+    for (u32 i = 0; i < sizeof(nv_data); i++) c[n++] = (u8)nv_data[i];
+    be16(c + n, 0); n += 2;
+    rc = tpm_send(crb, c, n);
+    check(rc == 0, "tpm-nv-write", "TPM2_NV_Write failed");
+    rc = nv_read(crb);
+    check(rc == 0 && memeq(tpm_rsp + 16, nv_data, 16), "tpm-nv-read", "TPM2_NV_Read returned other data");
+}
+
 /* ---- command line ---- */
 static const char *find(const char *s, const char *key) {
     for (; *s; s++) {
@@ -390,6 +482,8 @@ void probe_main(struct start_info *info) {
     }
     if (blk) test_block(blk, evil); else puts("INFO no block device\n");
     if (con) test_console(con); else puts("INFO no console device\n");
+    const char *t = find(cmdline, "sealvm.tpm=");
+    if (t) test_tpm(parse_num(&t)); else puts("INFO no TPM\n");
 done:
     puts("PROBE DONE pass="); putdec((u32)passes); puts(" fail="); putdec((u32)fails); putc('\n');
     /* probe.linger=1 keeps the guest running (idle, timer ticking) for API tests. */

@@ -23,9 +23,10 @@ use zeroize::Zeroizing;
 /// The trusted-launch options of `sealvm run`.
 #[derive(Debug, Args)]
 pub struct TrustedLaunchArgs {
-    /// Launch this sealed bundle (LUKS1 file) instead of --kernel: attest the host, unseal,
-    /// open and verify it.
-    #[arg(long, requires = "helper_disk", conflicts_with_all = ["kernel", "config"])]
+    /// Launch this sealed bundle (LUKS1 file): attest the host, unseal, open and verify it,
+    /// and boot --kernel/--initramfs (checked against the bundle's digests) with the
+    /// bundle's vCPUs, memory and command line, its disk and its vTPM.
+    #[arg(long, requires = "helper_disk", conflicts_with = "config")]
     pub bundle: Option<PathBuf>,
     /// The helper disk image whose `sealvm-sealed` partition holds the bundle's sealed key.
     #[arg(long, requires = "bundle")]

@@ -3,12 +3,15 @@
 
 use super::launch::{self, TrustedLaunchArgs};
 use super::size::parse_size;
+use crate::bundle::disk::BundleDisk;
+use crate::tpm::vtpm::{Vtpm, VtpmEndpoint};
 use crate::vm::config::{DiskConfig, VmConfig};
 use crate::vm::devices::legacy::StopReason;
 use crate::vm::devices::serial::SerialTarget;
-use crate::vm::Vm;
+use crate::vm::{Extras, Vm};
 use clap::Args;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 /// Options of `sealvm run`, in cloud-hypervisor's style.
 #[derive(Debug, Args)]
@@ -77,6 +80,9 @@ pub enum RunError {
     /// The VM stopped because a vCPU failed.
     #[error("the VM stopped: {0}")]
     Stopped(&'static str),
+    /// The guest's vTPM failed.
+    #[error("guest vTPM: {0}")]
+    Vtpm(String),
 }
 
 impl RunArgs {
@@ -133,12 +139,81 @@ impl RunArgs {
 
 /// Runs `sealvm run`.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
-    if args.trusted.bundle.is_some() {
-        return Ok(launch::run(&args.trusted)?);
+    if let Some(bundle) = &args.trusted.bundle {
+        if args.trusted.attest_only {
+            return Ok(launch::run(&args.trusted)?);
+        }
+        return run_bundle(args, bundle);
     }
     let config = args.vm_config()?;
-    let vm = Vm::new(config)?;
-    match vm.run()? {
+    report(Vm::new(config)?.run()?)
+}
+
+/// Trusted launch: attest, unseal, open, verify the boot files, start the guest's vTPM on
+/// the bundle's state, boot with the bundle's disk and a TPM CRB device, and on the way out
+/// write the vTPM state back into the bundle.
+fn run_bundle(args: &RunArgs, bundle_path: &std::path::Path) -> Result<(), RunError> {
+    let helper_disk = args
+        .trusted
+        .helper_disk
+        .as_deref()
+        .ok_or_else(|| RunError::BadArgument("--bundle needs --helper-disk".into()))?;
+    let kernel = args.kernel.clone().ok_or_else(|| {
+        RunError::BadArgument(
+            "--bundle needs --kernel (and --initramfs if the bundle lists one): the bundle \
+             records their SHA-256, not the files"
+                .into(),
+        )
+    })?;
+    let opened = launch::attest_and_open(bundle_path, helper_disk, &args.trusted.tcti, true)?;
+    launch::verify_boot_files(&opened.manifest, &kernel, args.initramfs.as_deref())?;
+    let vtpm = Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)
+        .map_err(|e| RunError::Vtpm(e.to_string()))?;
+    let VtpmEndpoint::Unix { data, .. } = vtpm.endpoint().clone() else {
+        return Err(RunError::Vtpm("the vTPM has no unix socket".into()));
+    };
+    let manifest = opened.manifest.clone();
+    let bundle = Arc::new(RwLock::new(opened.bundle));
+    let disk = BundleDisk::new(bundle.clone()).map_err(|e| RunError::Vtpm(e.to_string()))?;
+    let mut config = args.vm_config()?;
+    config.cpus = u8::try_from(manifest.vcpus)
+        .map_err(|_| RunError::BadArgument(format!("bundle asks for {} vCPUs", manifest.vcpus)))?;
+    config.memory = manifest.memory_mib << 20;
+    // The sealed command line comes first; the user's --cmdline may only add to it.
+    config.cmdline = match &args.cmdline {
+        Some(extra) => format!("{} {extra}", manifest.cmdline),
+        None => manifest.cmdline.clone(),
+    };
+    let extras = Extras {
+        disks: vec![(Arc::new(disk), false, "bundle".into())],
+        tpm_socket: Some(data),
+    };
+    tracing::info!(
+        bundle = %bundle_path.display(),
+        attest_ms = opened.timings.attest.as_millis() as u64,
+        unseal_ms = opened.timings.unseal.as_millis() as u64,
+        open_ms = opened.timings.open.as_millis() as u64,
+        "host attested; bundle opened"
+    );
+    let outcome = Vm::with_extras(config, extras).and_then(Vm::run);
+    // Whatever happened to the VM, the vTPM's state goes back into the bundle.
+    let write_back = {
+        let mut bundle = bundle
+            .write()
+            .map_err(|_| RunError::Vtpm("bundle lock poisoned".into()))?;
+        vtpm.stop_and_write_back(&mut bundle)
+    };
+    let reason = outcome?;
+    write_back.map_err(|e| RunError::Vtpm(format!("vTPM write-back failed: {e}")))?;
+    eprintln!(
+        "sealvm: the vTPM state was written back into {}",
+        bundle_path.display()
+    );
+    report(reason)
+}
+
+fn report(reason: StopReason) -> Result<(), RunError> {
+    match reason {
         StopReason::PowerOff => eprintln!("sealvm: the guest powered off"),
         StopReason::Reset => {
             eprintln!("sealvm: the guest reset; sealvm exits (restart it to boot again)")

@@ -144,8 +144,9 @@ pub fn write_tables(mem: &GuestMemory, config: &AcpiConfig) -> Result<u64, AcpiE
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    // The XSDT holds FADT, MADT: header + 2 entries.
-    let xsdt_len = 36 + 8 * 2;
+    // The XSDT holds FADT, MADT and, with a TPM, TPM2.
+    let entries = if config.tpm_crb { 3 } else { 2 };
+    let xsdt_len = 36 + 8 * entries;
     let fadt_addr = align(xsdt_addr + xsdt_len);
     let madt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
 
@@ -165,6 +166,8 @@ pub fn write_tables(mem: &GuestMemory, config: &AcpiConfig) -> Result<u64, AcpiE
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"SEALVMDS", 1);
     dsdt.append_slice(&dsdt_body(config));
     let dsdt = dsdt.as_slice().to_vec();
+    let tpm2 = config.tpm_crb.then(crate::vm::devices::tpm_crb::tpm2_table);
+    let tpm2_addr = align(dsdt_addr + dsdt.len() as u64);
 
     let mut fadt = FADTBuilder::new(OEM_ID, *b"SEALVMFA", 1)
         .dsdt_64(dsdt_addr)
@@ -200,10 +203,13 @@ pub fn write_tables(mem: &GuestMemory, config: &AcpiConfig) -> Result<u64, AcpiE
     let mut xsdt = XSDT::new(OEM_ID, *b"SEALVMXS", 1);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if tpm2.is_some() {
+        xsdt.add_entry(tpm2_addr);
+    }
     let xsdt = bytes(&xsdt);
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
 
-    let end = dsdt_addr + dsdt.len() as u64;
+    let end = tpm2_addr + tpm2.as_ref().map_or(0, |t| t.len() as u64);
     if end > ACPI_END {
         return Err(AcpiError::TooBig((end - ACPI_START) as usize));
     }
@@ -215,6 +221,10 @@ pub fn write_tables(mem: &GuestMemory, config: &AcpiConfig) -> Result<u64, AcpiE
         (dsdt_addr, &dsdt),
     ] {
         mem.write_slice(data, GuestAddress(addr))
+            .map_err(|_| AcpiError::Write)?;
+    }
+    if let Some(tpm2) = &tpm2 {
+        mem.write_slice(tpm2, GuestAddress(tpm2_addr))
             .map_err(|_| AcpiError::Write)?;
     }
     Ok(rsdp_addr)
@@ -284,7 +294,10 @@ mod tests {
                 assert_eq!(port, u64::from(ACPI_SLEEP_CONTROL_PORT));
             }
         }
-        assert_eq!(signatures, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert_eq!(
+            signatures,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"TPM2".to_vec()]
+        );
     }
 
     /// The tables as ACPICA's disassembler reads them: every table decompiles without
@@ -329,8 +342,11 @@ mod tests {
         }
         assert_eq!(
             dsl.keys().cloned().collect::<Vec<_>>(),
-            vec!["APIC", "DSDT", "FACP", "XSDT"]
+            vec!["APIC", "DSDT", "FACP", "TPM2", "XSDT"]
         );
+        let tpm2 = &dsl["TPM2"];
+        assert!(tpm2.contains("Start Method : 07"), "{tpm2}");
+        assert!(tpm2.contains("FED40040"), "{tpm2}");
         let dsdt = &dsl["DSDT"];
         assert_eq!(dsdt.matches("\"LNRO0005\"").count(), 3, "{dsdt}");
         assert!(dsdt.contains("0xD0002000"), "third window: {dsdt}");

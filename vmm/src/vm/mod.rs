@@ -90,6 +90,16 @@ fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
 }
 
+/// Devices that do not come from a [`VmConfig`]: what a trusted launch adds.
+#[derive(Default)]
+pub struct Extras {
+    /// Disks served from sealvm's own storage (a bundle's encrypted disk), before the
+    /// configured ones: (backend, read-only, name).
+    pub disks: Vec<(Arc<dyn BlockBackend>, bool, String)>,
+    /// A TPM CRB device forwarding to the swtpm data socket at this path.
+    pub tpm_socket: Option<std::path::PathBuf>,
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
     config: VmConfig,
@@ -108,6 +118,11 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM described by `config` and loads its kernel.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        Self::with_extras(config, Extras::default())
+    }
+
+    /// Builds the VM described by `config` plus `extras`.
+    pub fn with_extras(config: VmConfig, extras: Extras) -> Result<Self, VmError> {
         config.validate()?;
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm_fd = kvm.create_vm().map_err(VmError::Kvm)?;
@@ -159,6 +174,9 @@ impl Vm {
         pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(stop.clone()))));
 
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (backend, readonly, name) in extras.disks {
+            devices.push(Box::new(Block::new(backend, readonly, name)));
+        }
         for (i, disk) in config.disks.iter().enumerate() {
             devices.push(match disk {
                 DiskConfig::Raw { path, readonly } => {
@@ -173,6 +191,13 @@ impl Vm {
                 .push(Box::new(Console::new(path.clone()).map_err(host(
                     format!("the console socket {}", path.display()),
                 ))?));
+        }
+        if devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(config::ConfigError(format!(
+                "{} virtio devices; at most {MAX_VIRTIO_DEVICES} fit",
+                devices.len()
+            ))
+            .into());
         }
         let mut transports = Vec::new();
         let mut mmio_infos = Vec::new();
@@ -205,18 +230,26 @@ impl Vm {
             .map(|d| format!("{:#x}:{}", d.base, d.gsi))
             .collect();
         let mut cmdline = config.cmdline.trim().to_string();
-        if !device_map.is_empty() {
+        let mut append = |word: String| {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }
-            cmdline.push_str(&format!("sealvm.mmio={}", device_map.join(",")));
+            cmdline.push_str(&word);
+        };
+        if !device_map.is_empty() {
+            append(format!("sealvm.mmio={}", device_map.join(",")));
+        }
+        if let Some(socket) = &extras.tpm_socket {
+            let crb = devices::tpm_crb::TpmCrb::new(socket);
+            mmio.insert(TPM_CRB_START, TPM_CRB_SIZE, Arc::new(Mutex::new(crb)));
+            append(format!("sealvm.tpm={TPM_CRB_START:#x}"));
         }
         acpi::write_tables(
             &mem,
             &acpi::AcpiConfig {
                 vcpus: config.cpus,
                 mmio_devices: mmio_infos,
-                tpm_crb: false,
+                tpm_crb: extras.tpm_socket.is_some(),
             },
         )?;
         let loaded = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;

@@ -3,6 +3,7 @@
 
 pub mod legacy;
 pub mod serial;
+pub mod tpm_crb;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};
