@@ -106,7 +106,15 @@ pub fn rows(workspace: &Workspace, built: &images::Built) -> Result<Vec<Row>> {
         v.sort();
         v[v.len() / 2] as f64 / 1024.0
     };
+    let sealed = sealed_launch(&sealvm, &built.probe_guest)?;
     Ok(vec![
+        Row {
+            name: "sealed bundle launch (attest, unseal, open, vTPM, boot) to first serial line (ms, median of 5)"
+                .into(),
+            ours: sealed,
+            peer: None,
+            lower_is_better: true,
+        },
         Row {
             name: "probe guest on /dev/kvm: VMM start to first serial line (ms, median of 5)"
                 .into(),
@@ -130,4 +138,53 @@ fn microvm_device_map() -> String {
         .map(|i| format!("{:#x}:{}", 0xfeb0_0000u64 + 0x200 * i, 5 + i))
         .collect();
     format!("probe.linger=1 sealvm.mmio={}", devices.join(","))
+}
+
+/// `sealvm run --bundle` of a probe-guest bundle against swtpm: start to first serial line.
+fn sealed_launch(sealvm: &std::path::Path, probe: &std::path::Path) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let host_tpm = sealvm::tpm::swtpm::SwtpmProcess::start(&dir.path().join("host-tpm"))?;
+    let helper = dir.path().join("helper.img");
+    let bundle = dir.path().join("bench.svm");
+    let p = |p: &std::path::Path| p.display().to_string();
+    crate::process::run(Command::new(sealvm).args(["helper-partition", "init", &p(&helper)]))?;
+    crate::process::run(Command::new(sealvm).args([
+        "bundle",
+        "create",
+        &p(&bundle),
+        "--helper-disk",
+        &p(&helper),
+        "--tcti",
+        &host_tpm.tcti(),
+        "--pcrs",
+        "16,23",
+        "--kernel",
+        &p(probe),
+        "--memory",
+        "64M",
+        "--disk-size",
+        "8M",
+    ]))?;
+    let mut times = Vec::new();
+    for i in 1..=RUNS {
+        step(&format!("bench: sealed bundle launch {i}/{RUNS}"));
+        let args: Vec<String> = vec![
+            "--bundle".into(),
+            p(&bundle),
+            "--helper-disk".into(),
+            p(&helper),
+            "--tcti".into(),
+            host_tpm.tcti(),
+            "--kernel".into(),
+            p(probe),
+        ];
+        let began = Instant::now();
+        let mut vm = SealvmVm::start(sealvm, &args)?;
+        vm.wait_for(FIRST_LINE, Duration::from_secs(30))
+            .context("the sealed probe guest printed nothing")?;
+        times.push(began.elapsed());
+        vm.wait_exit(Duration::from_secs(30))
+            .context("the sealed launch did not end")?;
+    }
+    Ok(millis(median(&mut times)))
 }
