@@ -378,15 +378,52 @@ static u32 nv_read(uptr crb) {
     return tpm_send(crb, c, n);
 }
 
+/* TPM2_PCR_Read of PCR 16 in the SHA-256 bank; 1 and the digest on success. */
+static int pcr16_read(uptr crb, u8 *digest) {
+    u8 c[32]; u32 n = 0;
+    be16(c, 0x8001); n = 6; be32(c + n, 0x0000017e); n += 4;
+    be32(c + n, 1); n += 4;                                /* one selection */
+    be16(c + n, 0x000b); n += 2;                           /* sha256 */
+    c[n++] = 3; c[n++] = 0x00; c[n++] = 0x00; c[n++] = 0x01; /* PCR 16 */
+    if (tpm_send(crb, c, n) != 0) return 0;
+    /* updateCounter(4), selection out (4 + 2 + 1 + 3), digest count (4), size (2), digest */
+    u32 at = 10 + 4 + 10 + 4;
+    if (tpm_rsp_len < at + 2 + 32) return 0;
+    for (int i = 0; i < 32; i++) digest[i] = tpm_rsp[at + 2 + i];
+    return 1;
+}
+
 static void test_tpm(uptr crb) {
     wr32(crb + 0x08, 1);                                   /* request locality 0 */
     check(rd32(crb + 0x0c) & 1, "tpm-locality", "locality 0 not granted");
     check((rd32(crb + 0x30) & 0xf) == 1, "tpm-crb-interface", "INTF_ID is not CRB");
-    u8 c[64]; u32 n;
-    be16(c, 0x8001); be32(c + 6, 0x0000017b); be16(c + 10, 8);
+    u8 c[96]; u32 n;
+    /* TPM2_Startup(CLEAR): sealvm's swtpm may already be started (TPM_RC_INITIALIZE). */
+    be16(c, 0x8001); be32(c + 6, 0x00000144); be16(c + 10, 0);
     u32 rc = tpm_send(crb, c, 12);
+    check(rc == 0 || rc == 0x100, "tpm-startup", rc == 0xffffffffu ? "no answer" : "TPM2_Startup failed");
+    be16(c, 0x8001); be32(c + 6, 0x0000017b); be16(c + 10, 8);
+    rc = tpm_send(crb, c, 12);
     check(rc == 0 && tpm_rsp_len == 20 && rbe32(tpm_rsp + 10) >> 16 == 8, "tpm-getrandom",
           rc == 0xffffffffu ? "no answer" : "TPM2_GetRandom failed");
+    /* PCR 16: read, extend with a SHA-256 digest, read again; it must change. */
+    u8 before[32], after[32];
+    int read_ok = pcr16_read(crb, before);
+    n = 0; be16(c, 0x8002); n = 6; be32(c + n, 0x00000182); n += 4;    /* PCR_Extend */
+    be32(c + n, 16); n += 4;
+    n += put_pw_session(c + n);
+    be32(c + n, 1); n += 4;                                /* one digest */
+    be16(c + n, 0x000b); n += 2;                           /* sha256 */
+    for (int i = 0; i < 32; i++) c[n++] = (u8)(0xa0 + i);
+    rc = tpm_send(crb, c, n);
+    check(rc == 0, "tpm-pcr-extend", "TPM2_PCR_Extend failed");
+    int changed = read_ok && pcr16_read(crb, after) && !memeq(before, after, 32);
+    if (changed) {
+        puts("INFO tpm-pcr16 ");
+        for (int i = 0; i < 32; i++) { putc("0123456789abcdef"[after[i] >> 4]); putc("0123456789abcdef"[after[i] & 15]); }
+        putc('\n');
+    }
+    check(changed, "tpm-pcr-read", "PCR 16 did not change after the extend");
     rc = nv_read(crb);
     if (rc == 0 && tpm_rsp_len >= 16 + 16 && memeq(tpm_rsp + 16, nv_data, 16)) {
         pass("tpm-nv-persisted");                          /* written by an earlier boot */

@@ -125,7 +125,10 @@ fn a_sealed_bundle_boots_with_its_disk_and_vtpm_and_the_vtpm_state_persists() {
             "blk-flush",
             "tpm-locality",
             "tpm-crb-interface",
+            "tpm-startup",
             "tpm-getrandom",
+            "tpm-pcr-extend",
+            "tpm-pcr-read",
             "tpm-nv-define",
             "tpm-nv-write",
             "tpm-nv-read",
@@ -162,6 +165,27 @@ fn a_sealed_bundle_boots_with_its_disk_and_vtpm_and_the_vtpm_state_persists() {
     // Second launch: the NV index the guest defined is still in its vTPM.
     let mut second = site.launch(&bundle, &helper);
     finish(&mut second, &["tpm-getrandom", "tpm-nv-persisted"]);
+
+    // An unplanned host change: the next launch is refused before any guest code runs,
+    // and the bundle is left as it was.
+    let before = std::fs::read(&bundle).unwrap();
+    sealvm::tpm::HostTpm::connect(&site.host_tpm.tcti())
+        .unwrap()
+        .extend_pcr(16, b"unplanned change")
+        .unwrap();
+    let mut refused = site.launch(&bundle, &helper);
+    let status = refused.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(!status.success(), "launch on an untrusted host succeeded");
+    assert!(
+        !refused.output().contains("PROBE"),
+        "guest code ran: {}",
+        refused.output()
+    );
+    assert_eq!(
+        std::fs::read(&bundle).unwrap(),
+        before,
+        "the refused launch changed the bundle"
+    );
 }
 
 #[test]
