@@ -89,6 +89,13 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
                 "requests": counters.requests.load(Ordering::Relaxed),
                 "guest-errors": counters.guest_errors.load(Ordering::Relaxed),
                 "io-errors": counters.io_errors.load(Ordering::Relaxed),
+                "read-bytes": counters.read_bytes.load(Ordering::Relaxed),
+                "write-bytes": counters.write_bytes.load(Ordering::Relaxed),
+                "latency-us-log2": counters
+                    .latency_histogram()
+                    .iter()
+                    .map(|(from_us, count)| json!({"from-us": from_us, "count": count}))
+                    .collect::<Vec<_>>(),
                 "journal": volume.journal.is_some(),
             });
             if let Some(image) = &volume.image {
@@ -98,6 +105,10 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
                 let (bytes, last_seq) = journal.journal_position();
                 entry["journal-bytes"] = json!(bytes);
                 entry["last-seq"] = json!(last_seq);
+                if let Some((seq, time_ns)) = journal.oldest_point() {
+                    entry["oldest-seq"] = json!(seq);
+                    entry["oldest-time-ns"] = json!(time_ns);
+                }
                 entry["writes"] = json!(journal.counters.writes.load(Ordering::Relaxed));
                 entry["bytes-written"] =
                     json!(journal.counters.bytes_written.load(Ordering::Relaxed));

@@ -3,7 +3,9 @@
 //! run by the sealvm-virtio-blk crate, which checks everything the guest sends.
 
 use sealvm_virtio_blk::request::Rejected;
-use sealvm_virtio_blk::{BlockBackend, ConfigSpace, Features, Limits, Request, Segment};
+use sealvm_virtio_blk::{
+    BlockBackend, ConfigSpace, Features, Limits, Request, RequestKind, Segment,
+};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,35 @@ pub struct DeviceCounters {
     pub guest_errors: AtomicU64,
     /// Requests that failed in the storage.
     pub io_errors: AtomicU64,
+    /// Bytes read by the guest.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by the guest.
+    pub write_bytes: AtomicU64,
+    /// Request latency, log2 buckets of microseconds: bucket i counts requests that took
+    /// [2^i, 2^(i+1)) µs (bucket 0 also counts those under 1 µs).
+    pub latency_us_log2: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Buckets of the latency histogram (the last one collects everything from ~8 s up).
+pub const LATENCY_BUCKETS: usize = 24;
+
+impl DeviceCounters {
+    /// Counts one request that took `elapsed`.
+    pub fn record_latency(&self, elapsed: Duration) {
+        let us = elapsed.as_micros().max(1) as u64;
+        let bucket = (63 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency_us_log2[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The histogram as (lower bound in µs, count) for the buckets that have counts.
+    pub fn latency_histogram(&self) -> Vec<(u64, u64)> {
+        self.latency_us_log2
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (1u64 << i, c.load(Ordering::Relaxed)))
+            .filter(|&(_, c)| c > 0)
+            .collect()
+    }
 }
 
 /// A vhost-user-blk device serving one volume.
@@ -103,12 +134,25 @@ impl BlockDevice {
                     writable: d.is_write_only(),
                 })
                 .collect();
+            let started = Instant::now();
             let used = match Request::parse(&*mem, &segments, &self.limits) {
                 Ok(request) => {
                     let (used, error) = request.execute(&*mem, self.volume.as_ref(), &self.limits);
-                    if let Some(error) = error {
-                        self.count_error(&error);
+                    match (&error, request.kind) {
+                        (Some(error), _) => self.count_error(error),
+                        (None, RequestKind::In) => {
+                            self.counters
+                                .read_bytes
+                                .fetch_add(request.data_len, Ordering::Relaxed);
+                        }
+                        (None, RequestKind::Out) => {
+                            self.counters
+                                .write_bytes
+                                .fetch_add(request.data_len, Ordering::Relaxed);
+                        }
+                        (None, _) => {}
                     }
+                    self.counters.record_latency(started.elapsed());
                     used
                 }
                 Err(rejected) => {

@@ -62,6 +62,9 @@ struct Tail {
     /// Sector number to the offset of its newest data in the segment.
     index: HashMap<u64, u64>,
     bookmarks: Vec<Bookmark>,
+    /// Sequence number and wall-clock time of the oldest record: how far back points in
+    /// time reach.
+    oldest: Option<(u64, u64)>,
 }
 
 /// A volume served from a base image and its journal.
@@ -114,7 +117,9 @@ impl JournaledVolume {
         }
         let mut index = HashMap::new();
         let mut bookmarks = Vec::new();
+        let mut oldest = None;
         let summary = journal::scan(dir, |header, at, payload| {
+            oldest.get_or_insert((header.seq, header.time_ns));
             match header.kind {
                 RecordKind::Write => {
                     let first = header.offset / SECTOR;
@@ -154,6 +159,7 @@ impl JournaledVolume {
                 next_seq: summary.last_seq + 1,
                 index,
                 bookmarks,
+                oldest,
             }),
             write_through,
             id,
@@ -187,8 +193,10 @@ impl JournaledVolume {
         payload: &[u8],
     ) -> io::Result<u64> {
         let seq = tail.next_seq;
-        let record = format::encode(kind, seq, journal::now_ns(), offset, payload);
+        let now = journal::now_ns();
+        let record = format::encode(kind, seq, now, offset, payload);
         self.segment.write_all_at(&record, tail.end)?;
+        tail.oldest.get_or_insert((seq, now));
         if kind == RecordKind::Write {
             let first = offset / SECTOR;
             for i in 0..payload.len() as u64 / SECTOR {
@@ -224,6 +232,11 @@ impl JournaledVolume {
     /// Bookmarks made so far.
     pub fn bookmarks(&self) -> Vec<Bookmark> {
         self.tail().map(|t| t.bookmarks.clone()).unwrap_or_default()
+    }
+
+    /// The oldest point in time the journal reaches: (sequence number, wall-clock ns).
+    pub fn oldest_point(&self) -> Option<(u64, u64)> {
+        self.tail().ok().and_then(|t| t.oldest)
     }
 
     /// Size of the journal in bytes and the last sequence number.
