@@ -165,14 +165,25 @@ fn vhost_user_frontend_drives_sealvm_blk() {
     let socket = dir.path().join("blk.sock");
     let _backend =
         Background::sealvm_blk(&format!("vol={}", volume.display()), &socket, None).unwrap();
+    // probe.evil=1: the malformed chains reach sealvm-blk itself through shared memory.
     let mut vm = SealvmVm::start(
         &sealvm(),
-        &args(&["--disk", &format!("vhost-user={}", socket.display())], ""),
+        &args(
+            &["--disk", &format!("vhost-user={}", socket.display())],
+            "probe.evil=1",
+        ),
     )
     .unwrap();
     assert_probe_passed(
         &mut vm,
-        &["blk-write", "blk-read", "blk-flush", "blk-interrupts"],
+        &[
+            "blk-write",
+            "blk-read",
+            "blk-flush",
+            "blk-interrupts",
+            "blk-evil",
+            "blk-after-evil",
+        ],
     );
     assert!(vm.wait_exit(Duration::from_secs(10)).unwrap().success());
     assert_eq!(read_at(&volume, PROBE_SECTOR * 512, 4096), probe_pattern());
