@@ -11,7 +11,6 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4d56_4c53; // "SLVM"
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
@@ -283,7 +282,6 @@ impl BusDevice for MmioTransport {
             0x0a4 => with_queue(self, |q| q.set_used_ring_address(None, Some(value))),
             _ => tracing::debug!(offset, "write to an unknown virtio-mmio register"),
         }
-        let _ = STATUS_ACKNOWLEDGE;
     }
 }
 

@@ -40,6 +40,8 @@ const PASS_THROUGH: u64 = Features::SIZE_MAX
     | VIRTIO_F_VERSION_1;
 /// Queue size offered to the guest.
 const QUEUE_SIZE: u16 = 256;
+/// Most request queues sealvm sets up with a backend.
+const MAX_QUEUES: usize = 16;
 
 /// Errors connecting to a backend.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,7 @@ impl VhostUserBlk {
                 source,
             }
         };
-        let mut frontend = Frontend::connect(socket, 1).map_err(step("connect"))?;
+        let mut frontend = Frontend::connect(socket, MAX_QUEUES as u64).map_err(step("connect"))?;
         frontend.set_owner().map_err(step("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
         let unsupported = |what| VhostUserError::Unsupported {
@@ -134,7 +136,7 @@ impl VhostUserBlk {
             backend_features,
             protocol_features,
             config,
-            num_queues: num_queues.clamp(1, 16),
+            num_queues: num_queues.clamp(1, MAX_QUEUES),
             relay: None,
             completions: Arc::default(),
             disconnected: Arc::default(),
