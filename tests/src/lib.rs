@@ -10,12 +10,14 @@ pub mod console;
 pub mod host;
 pub mod paths;
 pub mod qemu;
+pub mod sealvm_vm;
 
 pub use background::Background;
 pub use console::Console;
 pub use host::Accel;
 pub use paths::{GuestImages, Workspace};
 pub use qemu::{QemuGuest, QemuGuestBuilder};
+pub use sealvm_vm::SealvmVm;
 
 /// The line the Linux guest's init prints on the console once it is ready for commands.
 pub const GUEST_READY_LINE: &str = "SEALVM-GUEST-READY";

@@ -75,6 +75,16 @@ impl Workspace {
         Ok(images)
     }
 
+    /// The built probe guest (`images/build/probe-guest/probe.elf`).
+    pub fn probe_guest(&self) -> Result<PathBuf, PathsError> {
+        let path = self.images_dir().join("probe-guest").join("probe.elf");
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(PathsError::ImageMissing { path })
+        }
+    }
+
     /// A workspace binary from the debug profile, such as `sealvm-blk`.
     pub fn binary(&self, name: &str) -> Result<PathBuf, PathsError> {
         let path = self.target_dir().join("debug").join(name);

@@ -7,13 +7,15 @@
 //!
 //! `counters` returns one object: requests completed and by kind (`requests-by-kind`:
 //! `read`, `write`, `flush`, `get-id`, `discard`, `write-zeroes`, and `rejected` for chains
-//! refused before they ran), `bytes-read`, `bytes-written`, `guest-errors`, `io-errors`,
-//! `latency-us-log2` (24 buckets: bucket 0 counts requests served in under 2 µs, bucket `i`
-//! those served in 2^i to 2^(i+1) µs, the last everything longer), and for a journaled
+//! refused before they ran), `read-bytes`, `write-bytes`, `guest-errors`, `io-errors`,
+//! `latency-us-log2` (the non-empty log2 buckets of service time as `{"from-us", "count"}`:
+//! the bucket from 2^i µs holds requests served in 2^i to 2^(i+1) µs, the one from 1 µs
+//! also those under 1 µs, the one from 2^23 µs everything longer), and for a journaled
 //! volume `journal-bytes` (the segment's size), `last-seq`, `oldest-seq` and
-//! `oldest-time-ns` (the oldest record still in the journal; null while it is empty),
+//! `oldest-time-ns` (the oldest record still in the journal; absent while it is empty),
 //! `journal-writes`, `journal-flushes` and `journal-syncs` (every fdatasync). `volumes`
-//! lists the volume with these counters under `counters`.
+//! lists the volume with the same fields, plus its name, path and the journal's `writes`,
+//! `bytes-written` and `flushes`.
 
 use crate::device::BlockDevice;
 use crate::image_access::PointInTimeImage;
@@ -94,27 +96,19 @@ fn serve_client(stream: UnixStream, volume: &ServedVolume) -> io::Result<()> {
 fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
     match request {
         ApiRequest::Volumes => {
-            let counters = counters(volume);
-            let mut entry = json!({
-                "name": volume.name,
-                "path": volume.path.display().to_string(),
-                "requests": counters["requests"],
-                "guest-errors": counters["guest-errors"],
-                "io-errors": counters["io-errors"],
-                "journal": volume.journal.is_some(),
-            });
+            let mut entry = counters(volume);
+            entry["name"] = json!(volume.name);
+            entry["path"] = json!(volume.path.display().to_string());
+            entry["journal"] = json!(volume.journal.is_some());
             if let Some(image) = &volume.image {
                 entry["point-in-time-seq"] = json!(image.seq());
             }
             if let Some(journal) = &volume.journal {
-                entry["journal-bytes"] = counters["journal-bytes"].clone();
-                entry["last-seq"] = counters["last-seq"].clone();
                 entry["writes"] = json!(journal.counters.writes.load(Ordering::Relaxed));
                 entry["bytes-written"] =
                     json!(journal.counters.bytes_written.load(Ordering::Relaxed));
                 entry["flushes"] = json!(journal.counters.flushes.load(Ordering::Relaxed));
             }
-            entry["counters"] = counters;
             Ok(json!([entry]))
         }
         ApiRequest::Counters => Ok(counters(volume)),
@@ -162,8 +156,10 @@ fn counters(volume: &ServedVolume) -> Value {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         counters["journal-bytes"] = json!(bytes);
         counters["last-seq"] = json!(last_seq);
-        counters["oldest-seq"] = json!(oldest.map(|o| o.seq));
-        counters["oldest-time-ns"] = json!(oldest.map(|o| o.time_ns));
+        if let Some(oldest) = oldest {
+            counters["oldest-seq"] = json!(oldest.seq);
+            counters["oldest-time-ns"] = json!(oldest.time_ns);
+        }
         counters["journal-writes"] = json!(load(&journal.counters.writes));
         counters["journal-flushes"] = json!(load(&journal.counters.flushes));
         counters["journal-syncs"] = json!(load(&journal.counters.syncs));

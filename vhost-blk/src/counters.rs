@@ -83,6 +83,17 @@ impl DeviceCounters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The histogram as (lower bound in µs, count) for the buckets that have counts; the
+    /// bucket from 1 µs also holds requests under 1 µs.
+    pub fn latency_histogram(&self) -> Vec<(u64, u64)> {
+        self.latency_us_log2
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (1u64 << i, c.load(Ordering::Relaxed)))
+            .filter(|&(_, count)| count > 0)
+            .collect()
+    }
+
     /// The counters as the API shows them.
     pub fn to_json(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -97,11 +108,15 @@ impl DeviceCounters {
                 "write-zeroes": get(&self.write_zeroes),
                 "rejected": get(&self.rejected),
             },
-            "bytes-read": get(&self.bytes_read),
-            "bytes-written": get(&self.bytes_written),
+            "read-bytes": get(&self.bytes_read),
+            "write-bytes": get(&self.bytes_written),
             "guest-errors": get(&self.guest_errors),
             "io-errors": get(&self.io_errors),
-            "latency-us-log2": self.latency_us_log2.iter().map(get).collect::<Vec<_>>(),
+            "latency-us-log2": self
+                .latency_histogram()
+                .into_iter()
+                .map(|(from_us, count)| json!({"from-us": from_us, "count": count}))
+                .collect::<Vec<_>>(),
         })
     }
 }
@@ -138,8 +153,11 @@ mod tests {
         assert_eq!(json["requests-by-kind"]["write"], 2);
         assert_eq!(json["requests-by-kind"]["read"], 1);
         assert_eq!(json["requests-by-kind"]["flush"], 1);
-        assert_eq!(json["bytes-written"], 4096);
-        assert_eq!(json["bytes-read"], 1024);
-        assert_eq!(json["latency-us-log2"][2], 4);
+        assert_eq!(json["write-bytes"], 4096);
+        assert_eq!(json["read-bytes"], 1024);
+        assert_eq!(
+            json["latency-us-log2"],
+            serde_json::json!([{"from-us": 4, "count": 4}])
+        );
     }
 }

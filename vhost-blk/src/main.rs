@@ -233,9 +233,19 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
                 let seq = pit::resolve(&journal, &at)?;
                 let started = Instant::now();
+                // A progress bar on a terminal; nothing when stderr is a pipe or a file.
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "restore [{elapsed_precise}] {wide_bar} {pos}/{len} records (eta {eta})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
                 pit::restore(&base, &journal, seq, &to, |done, of| {
-                    eprintln!("restore: {done}/{of} records applied");
+                    bar.set_length(of);
+                    bar.set_position(done);
                 })?;
+                bar.finish_and_clear();
                 println!(
                     "restored {} at record {seq} to {} in {:.2} s",
                     base.display(),

@@ -116,7 +116,7 @@ fn malformed_requests_get_error_status_and_are_counted() {
     assert_eq!(m("/requests"), 5 + 5 * 2, "{after}");
     // Only the five good writes reached the journal.
     assert_eq!(m("/journal-writes"), 5, "{after}");
-    assert_eq!(m("/bytes-written"), 5 * 4096, "{after}");
+    assert_eq!(m("/write-bytes"), 5 * 4096, "{after}");
     assert_eq!(m("/last-seq"), 5, "{after}");
     // The acknowledged, flushed write from before is intact.
     assert_eq!(driver.read(0, 4096).unwrap(), vec![0xa5; 4096]);

@@ -66,9 +66,21 @@ fn main() -> anyhow::Result<()> {
         unseal.push(opened.timings.unseal);
         open.push(opened.timings.open);
     }
+    // The guest's vTPM: swtpm started on a manufactured state, until it answers a command.
+    let opened = launch::attest_and_open(&bundle_path, &helper, &swtpm.tcti(), false)?;
+    let key = opened.vtpm_key_hex();
+    let state = sealvm::cli::bundle::manufacture_vtpm(&key)?;
+    let mut vtpm_start = vec![];
+    for _ in 0..7 {
+        let start = Instant::now();
+        let vtpm = sealvm::tpm::vtpm::Vtpm::start(&state, &key, false)?;
+        vtpm_start.push(start.elapsed());
+        drop(vtpm);
+    }
     println!(
         "{}",
         serde_json::json!({
+            "vtpm_start_ms": median(vtpm_start),
             "xts_encrypt_mib_s": encrypt,
             "xts_decrypt_mib_s": decrypt,
             "attest_ms": median(attest),

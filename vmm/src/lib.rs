@@ -8,3 +8,4 @@ pub mod bundle;
 pub mod cli;
 pub mod helper_partition;
 pub mod tpm;
+pub mod vm;

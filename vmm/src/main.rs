@@ -21,8 +21,9 @@ enum Command {
     Bundle(cli::bundle::BundleArgs),
     /// Manage the helper disk's `sealvm-sealed` partition.
     HelperPartition(cli::helper_partition::HelperPartitionArgs),
-    /// Launch a sealed bundle on an attested host (`--attest-only` prints the report).
-    Run(cli::launch::TrustedLaunchArgs),
+    /// Boot a VM (--kernel or --config), or launch a sealed bundle on an attested host
+    /// (--bundle; --attest-only prints the report).
+    Run(Box<cli::run::RunArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,7 +35,7 @@ fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Bundle(args) => cli::bundle::run(args).map_err(Into::into),
         Command::HelperPartition(args) => cli::helper_partition::run(args).map_err(Into::into),
-        Command::Run(args) => cli::launch::run(&args).map_err(Into::into),
+        Command::Run(args) => cli::run::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -27,6 +27,7 @@ pub fn run(workspace: &Workspace) -> Result<()> {
         linux_guest_boot(&built)?,
         crate::bench_agent::freeze_window(&built)?,
     ];
+    rows.extend(crate::bench_vmm::rows(workspace, &built)?);
     rows.extend(crate::bench_blk::run(workspace)?);
     rows.extend(crate::bench_bundle::rows(workspace)?);
     print_table(&rows);

@@ -1,6 +1,7 @@
 //! Bench rows for sealed bundles: XTS throughput on 4 KiB requests beside
 //! `openssl speed -evp aes-128-xts` in the same run, and the trusted-launch steps
-//! (attest, unseal, open) against swtpm.
+//! (attest, unseal, open, the guest's swtpm start) against swtpm; the whole launch to the
+//! guest's first serial line is a row of bench_vmm.
 
 use crate::bench::Row;
 use crate::process::{output, step};
@@ -54,6 +55,7 @@ pub fn rows(workspace: &Workspace) -> Result<Vec<Row>> {
         launch("unseal", "unseal_ms")?,
         launch("open + HMAC checks", "open_ms")?,
         launch("attest + unseal + open", "attest_unseal_open_ms")?,
+        launch("guest swtpm start until it answers", "vtpm_start_ms")?,
     ])
 }
 

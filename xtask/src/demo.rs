@@ -19,6 +19,7 @@ pub fn run(workspace: &Workspace) -> Result<()> {
             .args(["build", "--workspace", "--bins", "--quiet"]),
     )?;
     crate::demo_bundle::run_demo(workspace, &built)?;
+    crate::demo_vmm::run_demo(workspace, &built)?;
     journaled_volume_recovers_a_deleted_file(workspace, &built)
 }
 

@@ -34,7 +34,7 @@ pub fn run_demo(workspace: &Workspace, built: &images::Built) -> Result<()> {
         "init".into(),
         path(&helper),
     ]))?;
-    step("demo: sealvm bundle create web1.svm (sealed to PCRs 16,23 of the swtpm host TPM)");
+    step("demo: sealvm bundle create web1.svm for the probe guest (sealed to PCRs 16,23 of the swtpm host TPM)");
     let mut create: Vec<String> = ["bundle", "create"].map(String::from).to_vec();
     create.extend([
         path(&bundle),
@@ -49,13 +49,14 @@ pub fn run_demo(workspace: &Workspace, built: &images::Built) -> Result<()> {
             "16,23",
             "--disk-size",
             "16M",
+            "--memory",
+            "64M",
             "--cmdline",
             "console=ttyS0",
         ]
         .map(String::from),
     );
-    create.extend(["--kernel".into(), path(&built.linux_guest.kernel)]);
-    create.extend(["--initramfs".into(), path(&built.linux_guest.initramfs)]);
+    create.extend(["--kernel".into(), path(&built.probe_guest)]);
     run(&mut sealvm_cmd(&create))?;
     let tpm_args = [
         "--helper-disk".to_string(),
@@ -73,9 +74,27 @@ pub fn run_demo(workspace: &Workspace, built: &images::Built) -> Result<()> {
         path(&bundle),
         "--attest-only".into(),
     ];
-    attest.extend(tpm_args);
+    attest.extend(tpm_args.clone());
     step("demo: sealvm run --attest-only on the trusted host");
     run(&mut sealvm_cmd(&attest))?;
+    step("demo: sealvm run --bundle web1.svm: attest, unseal, boot with the encrypted disk and the guest's vTPM");
+    let mut launch = vec!["--bundle".into(), path(&bundle)];
+    launch.extend(tpm_args);
+    launch.extend(["--kernel".into(), path(&built.probe_guest)]);
+    let mut vm = sealvm_testkit::SealvmVm::start(&sealvm, &launch)?;
+    let done = vm.wait_for("PROBE DONE", std::time::Duration::from_secs(60));
+    let status = vm.wait_exit(std::time::Duration::from_secs(30));
+    for line in vm
+        .output()
+        .lines()
+        .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL") || l.starts_with("PROBE"))
+    {
+        println!("    guest: {line}");
+    }
+    anyhow::ensure!(
+        done.is_some_and(|d| d.ends_with("fail=0")) && status.is_some_and(|s| s.success()),
+        "the sealed guest did not pass its checks"
+    );
     step("demo: extending host PCR 16 (an unplanned host change)");
     HostTpm::connect(&tcti)
         .context("connect to the host swtpm")?

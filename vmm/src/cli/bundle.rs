@@ -224,7 +224,7 @@ fn new_secret() -> Result<Zeroizing<String>, BundleCliError> {
 /// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private directory on
 /// /dev/shm (memory, not persistent storage), its state encrypted with `key_hex`, and
 /// returns swtpm's state blob.
-fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, BundleCliError> {
+pub fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, BundleCliError> {
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {

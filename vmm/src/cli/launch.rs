@@ -23,17 +23,19 @@ use zeroize::Zeroizing;
 /// The trusted-launch options of `sealvm run`.
 #[derive(Debug, Args)]
 pub struct TrustedLaunchArgs {
-    /// The sealed bundle (LUKS1 file) to launch.
-    #[arg(long)]
-    pub bundle: PathBuf,
+    /// Launch this sealed bundle (LUKS1 file): attest the host, unseal, open and verify it,
+    /// and boot --kernel/--initramfs (checked against the bundle's digests) with the
+    /// bundle's vCPUs, memory and command line, its disk and its vTPM.
+    #[arg(long, requires = "helper_disk", conflicts_with = "config")]
+    pub bundle: Option<PathBuf>,
     /// The helper disk image whose `sealvm-sealed` partition holds the bundle's sealed key.
-    #[arg(long)]
-    pub helper_disk: PathBuf,
+    #[arg(long, requires = "bundle")]
+    pub helper_disk: Option<PathBuf>,
     /// The host TPM's TCTI (e.g. `swtpm:host=127.0.0.1,port=2321`).
     #[arg(long, default_value = DEFAULT_TCTI)]
     pub tcti: String,
     /// Only attest: print the attestation report as JSON and exit (non-zero if untrusted).
-    #[arg(long)]
+    #[arg(long, requires = "bundle")]
     pub attest_only: bool,
 }
 
@@ -256,8 +258,11 @@ pub fn verify_boot_files(
 
 /// Runs the trusted-launch part of `sealvm run`.
 pub fn run(args: &TrustedLaunchArgs) -> Result<(), LaunchError> {
+    let (Some(bundle), Some(helper_disk)) = (&args.bundle, &args.helper_disk) else {
+        return Err(LaunchError::BootUnavailable);
+    };
     if args.attest_only {
-        let report = attest(&args.bundle, &args.helper_disk, &args.tcti)?;
+        let report = attest(bundle, helper_disk, &args.tcti)?;
         let json = serde_json::to_string_pretty(&report).map_err(LaunchError::Json)?;
         println!("{json}");
         if !report.tpm_matches {
@@ -275,7 +280,7 @@ pub fn run(args: &TrustedLaunchArgs) -> Result<(), LaunchError> {
         }
         return Ok(());
     }
-    attest_and_open(&args.bundle, &args.helper_disk, &args.tcti, false)?;
+    attest_and_open(bundle, helper_disk, &args.tcti, false)?;
     Err(LaunchError::BootUnavailable)
 }
 

@@ -4,4 +4,5 @@
 pub mod bundle;
 pub mod helper_partition;
 pub mod launch;
+pub mod run;
 pub mod size;

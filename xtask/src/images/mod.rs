@@ -5,6 +5,7 @@
 
 mod kernel;
 mod linux_guest;
+mod probe_guest;
 
 use anyhow::{Context, Result};
 use sealvm_testkit::{GuestImages, Workspace};
@@ -15,12 +16,18 @@ use std::path::{Path, PathBuf};
 pub struct Built {
     /// The Linux guest: Debian cloud kernel and busybox initramfs with sealvm-agent.
     pub linux_guest: GuestImages,
+    /// The probe guest: a PVH ELF sealvm boots on real KVM.
+    pub probe_guest: PathBuf,
 }
 
 /// Builds every guest image that is out of date.
 pub fn build_all(workspace: &Workspace) -> Result<Built> {
     let linux_guest = linux_guest::build(workspace)?;
-    Ok(Built { linux_guest })
+    let probe_guest = probe_guest::build(workspace)?;
+    Ok(Built {
+        linux_guest,
+        probe_guest,
+    })
 }
 
 /// Digests the inputs of one image, in order.

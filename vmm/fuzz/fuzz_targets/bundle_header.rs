@@ -1,0 +1,7 @@
+//! Fuzzes the bundle's headers: the LUKS1 phdr and the payload superblock.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    sealvm::bundle::luks1::fuzz_header(data);
+    sealvm::bundle::payload::fuzzing::superblock(data);
+});

@@ -1,0 +1,237 @@
+//! virtio-blk on a raw image (or any [`BlockBackend`]): requests parsed and checked by the
+//! shared `sealvm-virtio-blk` crate, run on a worker thread.
+
+use super::worker::Worker;
+use super::{
+    read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use sealvm_virtio_blk::request::Rejected;
+use sealvm_virtio_blk::{
+    BlockBackend, ConfigSpace, Features, Limits, Request, RequestKind, Segment,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+
+/// Queue size offered to the driver.
+const QUEUE_SIZE: u16 = 256;
+
+/// Per-device counters.
+#[derive(Default)]
+pub struct BlockCounters {
+    requests: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    flushes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    backend: Arc<dyn BlockBackend>,
+    limits: Limits,
+    config: ConfigSpace,
+    counters: Arc<BlockCounters>,
+    worker: Option<Worker>,
+    name: String,
+}
+
+impl Block {
+    /// A device serving `backend`; `name` is for logs and the API.
+    pub fn new(backend: Arc<dyn BlockBackend>, read_only: bool, name: String) -> Self {
+        let capacity_sectors = backend.capacity_bytes() / sealvm_virtio_blk::SECTOR_SIZE;
+        let limits = Limits::for_capacity(capacity_sectors, read_only);
+        let config = ConfigSpace {
+            capacity_sectors,
+            size_max: limits.max_data_bytes as u32,
+            seg_max: (limits.max_segments - 2) as u32,
+            blk_size: 512,
+            writeback: 1,
+            num_queues: 1,
+            max_discard_sectors: limits.max_discard_sectors,
+            max_discard_seg: limits.max_discard_segments,
+            max_write_zeroes_sectors: limits.max_discard_sectors,
+            max_write_zeroes_seg: limits.max_discard_segments,
+        };
+        Block {
+            backend,
+            limits,
+            config,
+            counters: Arc::default(),
+            worker: None,
+            name,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | Features::FLUSH
+            | Features::BLK_SIZE
+            | Features::SEG_MAX
+            | Features::SIZE_MAX
+            | Features::TOPOLOGY;
+        if self.limits.read_only {
+            f |= Features::RO;
+        } else {
+            f |= Features::DISCARD | Features::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config.to_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // CONFIG_WCE is not offered: the configuration space is read-only.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            mut queues,
+            queue_events,
+            interrupt,
+            ..
+        } = activation;
+        let mut queue = queues
+            .pop()
+            .filter(|q| q.ready())
+            .ok_or_else(|| ActivateError("the request queue is not ready".into()))?;
+        let backend = self.backend.clone();
+        let limits = self.limits;
+        let counters = self.counters.clone();
+        let name = self.name.clone();
+        let worker = Worker::spawn(&format!("blk-{}", self.name), queue_events, move |_| {
+            if process_queue(
+                &mut queue,
+                &mem,
+                backend.as_ref(),
+                &limits,
+                &counters,
+                &name,
+            ) {
+                interrupt.signal_used();
+            }
+        })
+        .map_err(|e| ActivateError(format!("cannot start the block worker: {e}")))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+
+    fn counters(&self) -> serde_json::Value {
+        let c = &self.counters;
+        serde_json::json!({
+            "requests": c.requests.load(Ordering::Relaxed),
+            "read_bytes": c.read_bytes.load(Ordering::Relaxed),
+            "write_bytes": c.write_bytes.load(Ordering::Relaxed),
+            "flushes": c.flushes.load(Ordering::Relaxed),
+            "errors": c.errors.load(Ordering::Relaxed),
+        })
+    }
+
+    fn flush(&self) {
+        if let Err(error) = self.backend.flush() {
+            tracing::error!(disk = %self.name, %error, "flush at shutdown failed");
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "block"
+    }
+}
+
+/// Runs every available request; returns true when the driver should be interrupted.
+pub fn process_queue(
+    queue: &mut Queue,
+    mem: &crate::vm::memory::GuestMemory,
+    backend: &dyn BlockBackend,
+    limits: &Limits,
+    counters: &BlockCounters,
+    name: &str,
+) -> bool {
+    let mut notify = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return notify;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let segments: Vec<Segment> = chain
+                .clone()
+                .map(|d| Segment {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect();
+            let used = match Request::parse(mem, &segments, limits) {
+                Ok(request) => {
+                    let (used, error) = request.execute(mem, backend, limits);
+                    match (request.kind, &error) {
+                        (RequestKind::In, None) => {
+                            counters
+                                .read_bytes
+                                .fetch_add(request.data_len, Ordering::Relaxed);
+                        }
+                        (RequestKind::Out, None) => {
+                            counters
+                                .write_bytes
+                                .fetch_add(request.data_len, Ordering::Relaxed);
+                        }
+                        (RequestKind::Flush, None) => {
+                            counters.flushes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                    if let Some(error) = error {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(disk = name, %error, "request failed");
+                    }
+                    used
+                }
+                Err(rejected) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    log_rejected(name, &rejected);
+                    rejected.answer(mem)
+                }
+            };
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            if queue.add_used(mem, head, used).is_err() {
+                tracing::warn!(disk = name, "cannot complete a request: used ring unusable");
+                return notify;
+            }
+            match queue.needs_notification(mem) {
+                Ok(true) => notify = true,
+                Ok(false) => {}
+                Err(_) => notify = true,
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => return notify,
+        }
+    }
+}
+
+fn log_rejected(name: &str, rejected: &Rejected) {
+    tracing::debug!(disk = name, error = %rejected.error, "malformed request from the guest");
+}
