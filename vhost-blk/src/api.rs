@@ -1,8 +1,21 @@
 //! The API socket: one JSON object per line in, one per line out.
 //!
-//! Requests: `{"command": "volumes"}`, `{"command": "bookmark", "name": NAME}`,
-//! `{"command": "bookmarks"}`, and for an exposed point in time
-//! `{"command": "retarget", "at": POINT}`. Answers: `{"return": VALUE}` or `{"error": TEXT}`.
+//! Requests: `{"command": "volumes"}`, `{"command": "counters"}`,
+//! `{"command": "bookmark", "name": NAME}`, `{"command": "bookmarks"}`, and for an exposed
+//! point in time `{"command": "retarget", "at": POINT}`. Answers: `{"return": VALUE}` or
+//! `{"error": TEXT}`.
+//!
+//! `counters` returns one object: requests completed and by kind (`requests-by-kind`:
+//! `read`, `write`, `flush`, `get-id`, `discard`, `write-zeroes`, and `rejected` for chains
+//! refused before they ran), `read-bytes`, `write-bytes`, `guest-errors`, `io-errors`,
+//! `latency-us-log2` (the non-empty log2 buckets of service time as `{"from-us", "count"}`:
+//! the bucket from 2^i µs holds requests served in 2^i to 2^(i+1) µs, the one from 1 µs
+//! also those under 1 µs, the one from 2^23 µs everything longer), and for a journaled
+//! volume `journal-bytes` (the segment's size), `last-seq`, `oldest-seq` and
+//! `oldest-time-ns` (the oldest record still in the journal; absent while it is empty),
+//! `journal-writes`, `journal-flushes` and `journal-syncs` (every fdatasync). `volumes`
+//! lists the volume with the same fields, plus its name, path and the journal's `writes`,
+//! `bytes-written` and `flushes`.
 
 use crate::device::BlockDevice;
 use crate::image_access::PointInTimeImage;
@@ -38,6 +51,7 @@ pub struct ServedVolume {
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 enum ApiRequest {
     Volumes,
+    Counters,
     Bookmark { name: String },
     Bookmarks,
     Retarget { at: String },
@@ -82,33 +96,14 @@ fn serve_client(stream: UnixStream, volume: &ServedVolume) -> io::Result<()> {
 fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
     match request {
         ApiRequest::Volumes => {
-            let counters = &volume.device.counters;
-            let mut entry = json!({
-                "name": volume.name,
-                "path": volume.path.display().to_string(),
-                "requests": counters.requests.load(Ordering::Relaxed),
-                "guest-errors": counters.guest_errors.load(Ordering::Relaxed),
-                "io-errors": counters.io_errors.load(Ordering::Relaxed),
-                "read-bytes": counters.read_bytes.load(Ordering::Relaxed),
-                "write-bytes": counters.write_bytes.load(Ordering::Relaxed),
-                "latency-us-log2": counters
-                    .latency_histogram()
-                    .iter()
-                    .map(|(from_us, count)| json!({"from-us": from_us, "count": count}))
-                    .collect::<Vec<_>>(),
-                "journal": volume.journal.is_some(),
-            });
+            let mut entry = counters(volume);
+            entry["name"] = json!(volume.name);
+            entry["path"] = json!(volume.path.display().to_string());
+            entry["journal"] = json!(volume.journal.is_some());
             if let Some(image) = &volume.image {
                 entry["point-in-time-seq"] = json!(image.seq());
             }
             if let Some(journal) = &volume.journal {
-                let (bytes, last_seq) = journal.journal_position();
-                entry["journal-bytes"] = json!(bytes);
-                entry["last-seq"] = json!(last_seq);
-                if let Some((seq, time_ns)) = journal.oldest_point() {
-                    entry["oldest-seq"] = json!(seq);
-                    entry["oldest-time-ns"] = json!(time_ns);
-                }
                 entry["writes"] = json!(journal.counters.writes.load(Ordering::Relaxed));
                 entry["bytes-written"] =
                     json!(journal.counters.bytes_written.load(Ordering::Relaxed));
@@ -116,6 +111,7 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
             }
             Ok(json!([entry]))
         }
+        ApiRequest::Counters => Ok(counters(volume)),
         ApiRequest::Bookmark { name } => {
             let journal = volume
                 .journal
@@ -132,7 +128,12 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
                 .as_ref()
                 .ok_or("only an exposed point in time (pit expose) can be retargeted")?;
             let point: PointInTime = at.parse().map_err(|e: pit::PitError| e.to_string())?;
-            let seq = pit::resolve(image.journal_dir(), &point).map_err(|e| e.to_string())?;
+            // A sequence number needs no scan of the journal (the image checks it is not
+            // beyond the end), so a retarget costs what lies between the two points.
+            let seq = match point {
+                PointInTime::Seq(seq) => seq,
+                point => pit::resolve(image.journal_dir(), &point).map_err(|e| e.to_string())?,
+            };
             let moved = image.retarget(seq).map_err(|e| e.to_string())?;
             Ok(json!(moved))
         }
@@ -144,6 +145,26 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
             Ok(json!(journal.bookmarks()))
         }
     }
+}
+
+/// The `counters` object for `volume` (see the module documentation).
+fn counters(volume: &ServedVolume) -> Value {
+    let mut counters = volume.device.counters.to_json();
+    if let Some(journal) = &volume.journal {
+        let (bytes, last_seq) = journal.journal_position();
+        let oldest = journal.oldest_point();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        counters["journal-bytes"] = json!(bytes);
+        counters["last-seq"] = json!(last_seq);
+        if let Some(oldest) = oldest {
+            counters["oldest-seq"] = json!(oldest.seq);
+            counters["oldest-time-ns"] = json!(oldest.time_ns);
+        }
+        counters["journal-writes"] = json!(load(&journal.counters.writes));
+        counters["journal-flushes"] = json!(load(&journal.counters.flushes));
+        counters["journal-syncs"] = json!(load(&journal.counters.syncs));
+    }
+    counters
 }
 
 /// Errors calling the API.

@@ -2,18 +2,16 @@
 //! that turns each descriptor chain into a request for the volume. Requests are parsed and
 //! run by the sealvm-virtio-blk crate, which checks everything the guest sends.
 
-use sealvm_virtio_blk::request::Rejected;
-use sealvm_virtio_blk::{
-    BlockBackend, ConfigSpace, Features, Limits, Request, RequestKind, Segment,
-};
+use crate::counters::DeviceCounters;
+use sealvm_virtio_blk::{BlockBackend, ConfigSpace, Features, Limits, Request, Segment};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -24,46 +22,6 @@ const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 /// Descriptors the device accepts per queue.
 const QUEUE_SIZE: usize = 256;
 
-/// Per-device request counters.
-#[derive(Debug, Default)]
-pub struct DeviceCounters {
-    /// Requests completed.
-    pub requests: AtomicU64,
-    /// Requests that failed because the guest sent something malformed.
-    pub guest_errors: AtomicU64,
-    /// Requests that failed in the storage.
-    pub io_errors: AtomicU64,
-    /// Bytes read by the guest.
-    pub read_bytes: AtomicU64,
-    /// Bytes written by the guest.
-    pub write_bytes: AtomicU64,
-    /// Request latency, log2 buckets of microseconds: bucket i counts requests that took
-    /// [2^i, 2^(i+1)) µs (bucket 0 also counts those under 1 µs).
-    pub latency_us_log2: [AtomicU64; LATENCY_BUCKETS],
-}
-
-/// Buckets of the latency histogram (the last one collects everything from ~8 s up).
-pub const LATENCY_BUCKETS: usize = 24;
-
-impl DeviceCounters {
-    /// Counts one request that took `elapsed`.
-    pub fn record_latency(&self, elapsed: Duration) {
-        let us = elapsed.as_micros().max(1) as u64;
-        let bucket = (63 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
-        self.latency_us_log2[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The histogram as (lower bound in µs, count) for the buckets that have counts.
-    pub fn latency_histogram(&self) -> Vec<(u64, u64)> {
-        self.latency_us_log2
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (1u64 << i, c.load(Ordering::Relaxed)))
-            .filter(|&(_, c)| c > 0)
-            .collect()
-    }
-}
-
 /// A vhost-user-blk device serving one volume.
 pub struct BlockDevice {
     volume: Arc<dyn BlockBackend>,
@@ -71,6 +29,13 @@ pub struct BlockDevice {
     config: Mutex<ConfigSpace>,
     num_queues: usize,
     event_idx: AtomicBool,
+    /// The driver negotiated VIRTIO_BLK_F_FLUSH; without it, it expects write-through.
+    flush_negotiated: AtomicBool,
+    /// The driver negotiated VIRTIO_BLK_F_CONFIG_WCE, which makes `writeback` writable.
+    wce_negotiated: AtomicBool,
+    /// Every write is made durable before it is acknowledged: the driver turned the cache
+    /// off (`writeback` = 0) or cannot flush.
+    write_through: AtomicBool,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     /// Counters for the API.
     pub counters: DeviceCounters,
@@ -100,6 +65,9 @@ impl BlockDevice {
             config: Mutex::new(config),
             num_queues,
             event_idx: AtomicBool::new(false),
+            flush_negotiated: AtomicBool::new(true),
+            wce_negotiated: AtomicBool::new(false),
+            write_through: AtomicBool::new(false),
             mem: Mutex::new(None),
             counters: DeviceCounters::default(),
             last_error_log: Mutex::new(None),
@@ -134,29 +102,25 @@ impl BlockDevice {
                     writable: d.is_write_only(),
                 })
                 .collect();
-            let started = Instant::now();
             let used = match Request::parse(&*mem, &segments, &self.limits) {
                 Ok(request) => {
+                    let started = Instant::now();
                     let (used, error) = request.execute(&*mem, self.volume.as_ref(), &self.limits);
-                    match (&error, request.kind) {
-                        (Some(error), _) => self.count_error(error),
-                        (None, RequestKind::In) => {
-                            self.counters
-                                .read_bytes
-                                .fetch_add(request.data_len, Ordering::Relaxed);
-                        }
-                        (None, RequestKind::Out) => {
-                            self.counters
-                                .write_bytes
-                                .fetch_add(request.data_len, Ordering::Relaxed);
-                        }
-                        (None, _) => {}
+                    let error = error.or_else(|| self.write_through_flush(&mem, &request));
+                    self.counters.count_request(
+                        request.kind,
+                        request.data_len,
+                        started.elapsed(),
+                        error.is_none(),
+                    );
+                    if let Some(error) = error {
+                        self.count_error(&error);
                     }
-                    self.counters.record_latency(started.elapsed());
                     used
                 }
                 Err(rejected) => {
-                    self.count_rejected(&rejected);
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.count_error(&rejected.error);
                     rejected.answer(&*mem)
                 }
             };
@@ -172,17 +136,42 @@ impl BlockDevice {
         Ok(())
     }
 
-    fn count_rejected(&self, rejected: &Rejected) {
-        self.count_error(&rejected.error);
+    /// True while every write is made durable before it is acknowledged.
+    pub fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Acquire)
+    }
+
+    fn update_cache_mode(&self, writeback: u8) {
+        let write_through = writeback == 0 || !self.flush_negotiated.load(Ordering::Acquire);
+        self.write_through.store(write_through, Ordering::Release);
+    }
+
+    /// In write-through mode, makes a successful write durable before it is acknowledged.
+    /// `execute` has written the status byte already, but the used ring entry that lets the
+    /// driver see it is published only after this returns; a failed flush turns the status
+    /// into IOERR and is returned to be counted.
+    fn write_through_flush(
+        &self,
+        mem: &GuestMemoryMmap,
+        request: &Request,
+    ) -> Option<sealvm_virtio_blk::RequestError> {
+        use sealvm_virtio_blk::{request::status, RequestError, RequestKind};
+        let writes = matches!(
+            request.kind,
+            RequestKind::Out | RequestKind::WriteZeroes | RequestKind::Discard
+        );
+        if !writes || !self.write_through() {
+            return None;
+        }
+        let source = self.volume.flush().err()?;
+        // The parser checked the status address; a driver that unmapped it since gets no
+        // answer either way.
+        let _ = mem.write_slice(&[status::IOERR], GuestAddress(request.status_addr));
+        Some(RequestError::Backend(source))
     }
 
     fn count_error(&self, error: &sealvm_virtio_blk::RequestError) {
-        let counter = if error.is_guest_error() {
-            &self.counters.guest_errors
-        } else {
-            &self.counters.io_errors
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.counters.count_error(error.is_guest_error());
         // Log at most once a second: a misbehaving guest must not flood the log.
         if let Ok(mut last) = self.last_error_log.lock() {
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -231,6 +220,17 @@ impl VhostUserBackend for BlockDevice {
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
     }
 
+    fn acked_features(&self, features: u64) {
+        self.flush_negotiated
+            .store(features & Features::FLUSH != 0, Ordering::Release);
+        self.wce_negotiated
+            .store(features & Features::CONFIG_WCE != 0, Ordering::Release);
+        // The cache mode lasts across connections: a frontend that reconnects must not
+        // silently lose the write-through its driver asked for.
+        let writeback = self.config.lock().map_or(1, |c| c.writeback);
+        self.update_cache_mode(writeback);
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -245,8 +245,23 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        if let Ok(mut config) = self.config.lock() {
-            config.write(u64::from(offset), buf);
+        if !self.wce_negotiated.load(Ordering::Acquire) {
+            // Without CONFIG_WCE nothing in the configuration space is writable.
+            tracing::debug!(offset, len = buf.len(), "ignored a configuration write");
+            return Ok(());
+        }
+        let mut config = self
+            .config
+            .lock()
+            .map_err(|_| io::Error::other("configuration lock poisoned"))?;
+        if config.write(u64::from(offset), buf) {
+            self.update_cache_mode(config.writeback);
+            let write_through = self.write_through();
+            tracing::info!(write_through, "the driver changed the cache mode");
+            if write_through {
+                // Writes acknowledged under write-back become durable now too.
+                self.volume.flush()?;
+            }
         }
         Ok(())
     }

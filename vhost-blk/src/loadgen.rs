@@ -37,6 +37,9 @@ const DESC_F_WRITE: u16 = 2;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 const VERSION_1: u64 = 1 << 32;
 const FLUSH: u64 = 1 << 9;
+const CONFIG_WCE: u64 = 1 << 11;
+/// Offset of `writeback` in the virtio-blk configuration space.
+const WRITEBACK_OFFSET: u32 = 32;
 
 /// Errors driving a backend.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,17 @@ pub enum LoadError {
     TooLarge,
 }
 
+/// One descriptor of a hand-built chain ([`BlkDriver::submit_chain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawDescriptor {
+    /// Guest-physical address; may lie outside guest memory.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub writable: bool,
+}
+
 /// A connected vhost-user-blk frontend with one queue.
 pub struct BlkDriver {
     frontend: Frontend,
@@ -97,7 +111,7 @@ impl BlkDriver {
         frontend.set_owner().map_err(protocol("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
         // No EVENT_IDX: the backend then signals every completion, which keeps this simple.
-        let wanted = offered & (VERSION_1 | FLUSH | PROTOCOL_FEATURES_BIT);
+        let wanted = offered & (VERSION_1 | FLUSH | CONFIG_WCE | PROTOCOL_FEATURES_BIT);
         frontend
             .set_features(wanted)
             .map_err(protocol("SET_FEATURES"))?;
@@ -188,6 +202,25 @@ impl BlkDriver {
         })
     }
 
+    /// Sets the device's cache mode as a driver does through the configuration space
+    /// (`writeback`: true for write-back, false for write-through), and reads it back.
+    /// Needs VIRTIO_BLK_F_CONFIG_WCE; returns the mode the device reports afterwards.
+    pub fn set_writeback(&mut self, writeback: bool) -> Result<bool, LoadError> {
+        let protocol = |step| move |source| LoadError::Protocol { step, source };
+        self.frontend
+            .set_config(
+                WRITEBACK_OFFSET,
+                VhostUserConfigFlags::WRITABLE,
+                &[u8::from(writeback)],
+            )
+            .map_err(protocol("SET_CONFIG"))?;
+        let (_, value) = self
+            .frontend
+            .get_config(WRITEBACK_OFFSET, 1, VhostUserConfigFlags::WRITABLE, &[0])
+            .map_err(protocol("GET_CONFIG"))?;
+        Ok(value.first() == Some(&1))
+    }
+
     /// The volume's size in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
@@ -216,51 +249,91 @@ impl BlkDriver {
             return Err(LoadError::TooLarge);
         }
         let base = Self::slot_addr(slot);
+        self.write_header(slot, request_type, sector);
+        if request_type == types::OUT {
+            self.write_guest(base + 0x1000, data);
+        }
+        // Up to three descriptors per slot: header, data (if any), status.
+        let mut chain = vec![RawDescriptor {
+            addr: base,
+            len: 16,
+            writable: false,
+        }];
+        if len > 0 {
+            chain.push(RawDescriptor {
+                addr: base + 0x1000,
+                len: len as u32,
+                writable: request_type == types::IN,
+            });
+        }
+        chain.push(RawDescriptor {
+            addr: base + 0x10,
+            len: 1,
+            writable: true,
+        });
+        self.submit_chain(slot, &chain)
+    }
+
+    /// Guest address of `slot`'s 16-byte request header.
+    pub fn header_addr(slot: Slot) -> u64 {
+        Self::slot_addr(slot)
+    }
+
+    /// Guest address of `slot`'s status byte, which [`Self::complete`] reports.
+    pub fn status_addr(slot: Slot) -> u64 {
+        Self::slot_addr(slot) + 0x10
+    }
+
+    /// Guest address of `slot`'s data buffer ([`MAX_REQUEST_BYTES`] long).
+    pub fn data_addr(slot: Slot) -> u64 {
+        Self::slot_addr(slot) + 0x1000
+    }
+
+    /// Writes a virtio-blk request header (`request_type`, `sector`) at
+    /// [`Self::header_addr`] and marks the status byte as not yet written (0xff).
+    pub fn write_header(&self, slot: Slot, request_type: u32, sector: u64) {
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&request_type.to_le_bytes());
         header[8..16].copy_from_slice(&sector.to_le_bytes());
-        let write = |addr: u64, bytes: &[u8]| {
-            self.mem
-                .write_slice(bytes, GuestAddress(addr))
-                .expect("slot inside guest memory")
-        };
-        write(base, &header);
-        write(base + 0x10, &[0xff]);
-        if request_type == types::OUT {
-            write(base + 0x1000, data);
+        self.write_guest(Self::header_addr(slot), &header);
+        self.write_guest(Self::status_addr(slot), &[0xff]);
+    }
+
+    /// Copies `bytes` into guest memory at `addr`. Panics outside the 8 MiB guest (a bug in
+    /// the caller: only descriptors may point outside).
+    pub fn write_guest(&self, addr: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(addr))
+            .expect("inside guest memory");
+    }
+
+    /// Puts a hand-built descriptor chain for `slot` on the queue and kicks the backend.
+    /// Nothing is checked: descriptors may point anywhere, have any length and direction,
+    /// which is how malformed requests are sent. At most three descriptors per slot.
+    pub fn submit_chain(&mut self, slot: Slot, chain: &[RawDescriptor]) -> Result<(), LoadError> {
+        if chain.is_empty() || chain.len() > 3 || slot.0 >= MAX_IN_FLIGHT {
+            return Err(LoadError::TooLarge);
         }
-        // Three descriptors per slot: header, data (if any), status.
         let first = slot.0 * 3;
-        let mut descriptors = vec![(base, 16u32, 0u16)];
-        if len > 0 {
-            let flags = if request_type == types::IN {
-                DESC_F_WRITE
-            } else {
-                0
-            };
-            descriptors.push((base + 0x1000, len as u32, flags));
-        }
-        descriptors.push((base + 0x10, 1, DESC_F_WRITE));
-        let count = descriptors.len() as u16;
-        for (i, (addr, dlen, flags)) in descriptors.into_iter().enumerate() {
+        let count = chain.len() as u16;
+        for (i, descriptor) in chain.iter().enumerate() {
             let index = first + i as u16;
-            let next_flag = if (i as u16) + 1 < count {
-                DESC_F_NEXT
-            } else {
-                0
-            };
+            let mut flags = if descriptor.writable { DESC_F_WRITE } else { 0 };
+            if (i as u16) + 1 < count {
+                flags |= DESC_F_NEXT;
+            }
             let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&dlen.to_le_bytes());
-            raw[12..14].copy_from_slice(&(flags | next_flag).to_le_bytes());
+            raw[0..8].copy_from_slice(&descriptor.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&descriptor.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
             raw[14..16].copy_from_slice(&(index + 1).to_le_bytes());
-            write(DESC_TABLE + u64::from(index) * 16, &raw);
+            self.write_guest(DESC_TABLE + u64::from(index) * 16, &raw);
         }
         let ring_at = AVAIL_RING + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
-        write(ring_at, &first.to_le_bytes());
+        self.write_guest(ring_at, &first.to_le_bytes());
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        write(AVAIL_RING + 2, &self.avail_idx.to_le_bytes());
+        self.write_guest(AVAIL_RING + 2, &self.avail_idx.to_le_bytes());
         fence(Ordering::SeqCst);
         self.kick.write(1).map_err(|source| LoadError::Setup {
             what: "kick",

@@ -139,11 +139,43 @@ pub fn restore(
         source,
     })?;
     let partial = to.with_extension("partial");
-    std::fs::copy(base, &partial).map_err(write_err)?;
+    let result = restore_into(base, journal_dir, seq, &partial, &mut progress);
+    if result.is_err() {
+        // A half-built image is of no use; leave nothing behind but the error.
+        let _ = std::fs::remove_file(&partial);
+    }
+    result.map_err(|e| match e {
+        RestoreFailure::Journal(e) => PitError::Journal(e),
+        RestoreFailure::Write(source) => write_err(source),
+    })?;
+    std::fs::rename(&partial, to).map_err(write_err)?;
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    progress(seq, seq);
+    Ok(())
+}
+
+enum RestoreFailure {
+    Journal(JournalError),
+    Write(io::Error),
+}
+
+/// Copies `base` to `partial` and applies the journal up to `seq`, fdatasync'ed.
+fn restore_into(
+    base: &Path,
+    journal_dir: &Path,
+    seq: u64,
+    partial: &Path,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<(), RestoreFailure> {
+    std::fs::copy(base, partial).map_err(RestoreFailure::Write)?;
     let target = OpenOptions::new()
         .write(true)
-        .open(&partial)
-        .map_err(write_err)?;
+        .open(partial)
+        .map_err(RestoreFailure::Write)?;
     let mut failure = None;
     let mut applied = 0;
     journal::scan(journal_dir, |header, _, payload| {
@@ -161,19 +193,12 @@ pub fn restore(
             progress(applied, seq);
         }
         true
-    })?;
+    })
+    .map_err(RestoreFailure::Journal)?;
     if let Some(e) = failure {
-        return Err(write_err(e));
+        return Err(RestoreFailure::Write(e));
     }
-    target.sync_all().map_err(write_err)?;
-    std::fs::rename(&partial, to).map_err(write_err)?;
-    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(dir) = std::fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
-    progress(seq, seq);
-    Ok(())
+    target.sync_all().map_err(RestoreFailure::Write)
 }
 
 #[cfg(test)]
@@ -247,5 +272,39 @@ mod tests {
             resolve(&journal, &PointInTime::Seq(99)),
             Err(PitError::BeyondJournal { .. })
         ));
+    }
+
+    #[test]
+    fn restore_refuses_a_journal_damaged_in_the_middle() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 8 * 512]).unwrap();
+        let journal = dir.path().join("j");
+        {
+            let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
+            volume.write_at(0, &[1; 512]).unwrap();
+            volume.write_at(512, &[2; 512]).unwrap();
+            volume.bookmark("after").unwrap();
+        }
+        let segment = journal::segment_path(&journal);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes[100] ^= 1; // inside the first record's payload
+        std::fs::write(&segment, &bytes).unwrap();
+        let corrupt = |e: &PitError| {
+            matches!(
+                e,
+                PitError::Journal(JournalError::Corrupt { offset: 0, .. })
+            )
+        };
+        let err = resolve(&journal, &PointInTime::Latest).unwrap_err();
+        assert!(corrupt(&err), "{err}");
+        let out = dir.path().join("out.raw");
+        let err = restore(&base, &journal, 1, &out, |_, _| {}).unwrap_err();
+        assert!(corrupt(&err), "{err}");
+        assert!(!out.exists() && !out.with_extension("partial").exists());
+        let err = crate::image_access::PointInTimeImage::open(&base, &journal, 1, false)
+            .err()
+            .expect("expose of a damaged journal opened");
+        assert!(err.to_string().contains("damaged at byte 0"), "{err}");
     }
 }

@@ -52,6 +52,17 @@ pub struct VolumeCounters {
     pub bytes_written: AtomicU64,
     /// Flushes (fdatasync of the journal).
     pub flushes: AtomicU64,
+    /// fdatasyncs of the journal for any reason: flushes, write-through writes, bookmarks.
+    pub syncs: AtomicU64,
+}
+
+/// The oldest point in time a journal still reaches back to: its first record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OldestPoint {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When it was written, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
 }
 
 struct Tail {
@@ -62,9 +73,8 @@ struct Tail {
     /// Sector number to the offset of its newest data in the segment.
     index: HashMap<u64, u64>,
     bookmarks: Vec<Bookmark>,
-    /// Sequence number and wall-clock time of the oldest record: how far back points in
-    /// time reach.
-    oldest: Option<(u64, u64)>,
+    /// The first record still in the journal, `None` while it is empty.
+    oldest: Option<OldestPoint>,
 }
 
 /// A volume served from a base image and its journal.
@@ -117,9 +127,7 @@ impl JournaledVolume {
         }
         let mut index = HashMap::new();
         let mut bookmarks = Vec::new();
-        let mut oldest = None;
         let summary = journal::scan(dir, |header, at, payload| {
-            oldest.get_or_insert((header.seq, header.time_ns));
             match header.kind {
                 RecordKind::Write => {
                     let first = header.offset / SECTOR;
@@ -159,7 +167,10 @@ impl JournaledVolume {
                 next_seq: summary.last_seq + 1,
                 index,
                 bookmarks,
-                oldest,
+                oldest: (summary.records > 0).then_some(OldestPoint {
+                    seq: summary.last_seq + 1 - summary.records,
+                    time_ns: summary.first_time_ns,
+                }),
             }),
             write_through,
             id,
@@ -193,10 +204,9 @@ impl JournaledVolume {
         payload: &[u8],
     ) -> io::Result<u64> {
         let seq = tail.next_seq;
-        let now = journal::now_ns();
-        let record = format::encode(kind, seq, now, offset, payload);
+        let time_ns = journal::now_ns();
+        let record = format::encode(kind, seq, time_ns, offset, payload);
         self.segment.write_all_at(&record, tail.end)?;
-        tail.oldest.get_or_insert((seq, now));
         if kind == RecordKind::Write {
             let first = offset / SECTOR;
             for i in 0..payload.len() as u64 / SECTOR {
@@ -206,6 +216,7 @@ impl JournaledVolume {
         }
         tail.end += record.len() as u64;
         tail.next_seq += 1;
+        tail.oldest.get_or_insert(OldestPoint { seq, time_ns });
         Ok(seq)
     }
 
@@ -219,7 +230,7 @@ impl JournaledVolume {
         }
         let mut tail = self.tail()?;
         let seq = self.append(&mut tail, RecordKind::Bookmark, 0, name.as_bytes())?;
-        self.segment.sync_data()?;
+        self.sync()?;
         let bookmark = Bookmark {
             name: name.into(),
             seq,
@@ -234,9 +245,14 @@ impl JournaledVolume {
         self.tail().map(|t| t.bookmarks.clone()).unwrap_or_default()
     }
 
-    /// The oldest point in time the journal reaches: (sequence number, wall-clock ns).
-    pub fn oldest_point(&self) -> Option<(u64, u64)> {
+    /// The oldest point in time the journal reaches back to, `None` while it is empty.
+    pub fn oldest_point(&self) -> Option<OldestPoint> {
         self.tail().ok().and_then(|t| t.oldest)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.segment.sync_data()
     }
 
     /// Size of the journal in bytes and the last sequence number.
@@ -276,7 +292,7 @@ impl BlockBackend for JournaledVolume {
             .bytes_written
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         if self.write_through {
-            self.segment.sync_data()?;
+            self.sync()?;
         }
         Ok(())
     }
@@ -284,7 +300,7 @@ impl BlockBackend for JournaledVolume {
     fn flush(&self) -> io::Result<()> {
         // Every write acknowledged before this flush is already in the segment file.
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        self.segment.sync_data()
+        self.sync()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -369,27 +385,78 @@ mod tests {
         assert_eq!(volume.journal_position().1, 4);
     }
 
+    /// Writes three one-sector records (seq 1..=3) and returns the segment's path.
+    fn three_records(base_path: &Path, journal: &Path) -> PathBuf {
+        let (volume, _) = JournaledVolume::open(base_path, journal, false).unwrap();
+        for i in 0..3u8 {
+            volume.write_at(u64::from(i) * 512, &[i + 1; 512]).unwrap();
+        }
+        volume.flush().unwrap();
+        journal::segment_path(journal)
+    }
+
     #[test]
-    fn a_flipped_byte_ends_the_journal_at_that_record() {
+    fn a_damaged_last_record_is_cut_as_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = base(dir.path(), 16);
         let journal = dir.path().join("j");
-        {
-            let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
-            volume.write_at(0, &[1; 512]).unwrap();
-            volume.write_at(512, &[2; 512]).unwrap();
-            volume.flush().unwrap();
-        }
-        let segment = journal::segment_path(&journal);
+        let segment = three_records(&base_path, &journal);
         let mut bytes = std::fs::read(&segment).unwrap();
-        let second = format::record_len(512) as usize;
-        bytes[second + HEADER_LEN + 100] ^= 1;
+        let last = 2 * format::record_len(512) as usize;
+        bytes[last + HEADER_LEN + 100] ^= 1;
         std::fs::write(&segment, &bytes).unwrap();
         let (volume, opened) = JournaledVolume::open(&base_path, &journal, false).unwrap();
-        assert_eq!(opened.records, 1);
+        assert_eq!(
+            opened,
+            Opened {
+                records: 2,
+                dropped_bytes: format::record_len(512)
+            }
+        );
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), last as u64);
         let mut buf = [0u8; 512];
-        volume.read_at(512, &mut buf).unwrap();
-        assert_eq!(buf, [0x11; 512], "the corrupt record's data was served");
+        volume.read_at(1024, &mut buf).unwrap();
+        assert_eq!(buf, [0x11; 512], "the torn record's data was served");
+    }
+
+    #[test]
+    fn damage_followed_by_valid_records_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let segment = three_records(&base_path, &journal);
+        let original = std::fs::read(&segment).unwrap();
+        let second = format::record_len(512) as usize;
+        // A flipped payload byte, and a header wiped to zeroes: both inside the journal.
+        for (at, damage) in [(second + HEADER_LEN + 100, 1u8), (second, 0xff)] {
+            let mut bytes = original.clone();
+            if damage == 0xff {
+                bytes[at..at + HEADER_LEN].fill(0);
+            } else {
+                bytes[at] ^= damage;
+            }
+            std::fs::write(&segment, &bytes).unwrap();
+            match JournaledVolume::open(&base_path, &journal, false) {
+                Err(VolumeError::Replay(JournalError::Corrupt {
+                    path,
+                    offset,
+                    seq,
+                    next_valid,
+                })) => {
+                    assert_eq!(path, segment);
+                    assert_eq!(offset, second as u64);
+                    assert_eq!(seq, 2);
+                    assert_eq!(next_valid, 2 * second as u64);
+                }
+                Err(e) => panic!("wrong error: {e}"),
+                Ok(_) => panic!("a journal damaged in the middle opened"),
+            }
+            assert_eq!(
+                std::fs::read(&segment).unwrap(),
+                bytes,
+                "the damaged journal was changed"
+            );
+        }
     }
 
     #[test]

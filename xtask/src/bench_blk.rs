@@ -2,18 +2,30 @@
 //! generator with no VM: IOPS and p50/p99 latency for random 4 KiB reads at queue depth 1
 //! and 32, random 4 KiB writes with a flush every 8 writes, and 64 KiB sequential writes.
 //! sealvm-blk runs twice, journal off (a raw file) and journal on; every backend serves the
-//! same kind of file in the same run.
+//! same kind of file in the same run. Then, with no peer (qemu-storage-daemon keeps no
+//! history): `pit restore` time against the journal's length, and `pit expose` retarget
+//! time against the records between the two points.
 
 use crate::bench::Row;
 use crate::process::{self, step};
 use anyhow::{ensure, Result};
 use sealvm_blk::loadgen::{BlkDriver, Slot};
+use sealvm_blk::volume::JournaledVolume;
 use sealvm_testkit::{Background, Workspace};
 use sealvm_virtio_blk::request::types;
+use sealvm_virtio_blk::BlockBackend;
+use serde_json::json;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const VOLUME_BYTES: u64 = 256 << 20;
+/// Journal lengths (4 KiB write records) at which `pit restore` is timed.
+const HISTORY_RECORDS: [u64; 3] = [1_000, 10_000, 40_000];
+/// Records between the two points of a timed retarget (at most the longest history).
+const RETARGET_DISTANCES: [u64; 4] = [10, 100, 1_000, 10_000];
+/// Retargets per distance (each way); the row shows their mean.
+const RETARGET_REPEATS: u32 = 5;
 /// Each pattern runs this long per backend.
 const RUN_TIME: Duration = Duration::from_secs(3);
 
@@ -123,6 +135,100 @@ pub fn run(workspace: &Workspace) -> Result<Vec<Row>> {
                 lower_is_better: false,
             });
         }
+    }
+    rows.extend(history_rows(&blk, dir.path())?);
+    Ok(rows)
+}
+
+/// Restore time against history length and retarget time against distance, measured with
+/// the release `sealvm-blk` (`pit restore` wall time including process start; retarget as
+/// the API round trip on a `pit expose` daemon). The journal is written in-process.
+fn history_rows(blk: &Path, dir: &Path) -> Result<Vec<Row>> {
+    let base = dir.join("history-base.raw");
+    std::fs::File::create(&base)?.set_len(VOLUME_BYTES)?;
+    let journal = dir.join("history.journal");
+    let (volume, _) = JournaledVolume::open(&base, &journal, false)?;
+    let blocks = VOLUME_BYTES / 4096;
+    let data = vec![0x5au8; 4096];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut written = 0u64;
+    let mut rows = Vec::new();
+    println!();
+    println!("{:<52} {:>12}", "journal history", "time (ms)");
+    let restore = |to: &Path| -> Result<Duration> {
+        let started = Instant::now();
+        process::output(
+            Command::new(blk)
+                .args(["pit", "restore", "--at", "latest", "--base"])
+                .arg(&base)
+                .arg("--journal")
+                .arg(&journal)
+                .arg("--to")
+                .arg(to),
+        )?;
+        let took = started.elapsed();
+        std::fs::remove_file(to)?;
+        Ok(took)
+    };
+    // The first copy of the base pays for cold caches; keep it out of the rows.
+    restore(&dir.join("warm-up.raw"))?;
+    for history in HISTORY_RECORDS {
+        step(&format!("bench: pit restore after {history} records"));
+        while written < history {
+            volume.write_at((next(&mut rng) % blocks) * 4096, &data)?;
+            written += 1;
+        }
+        volume.flush()?;
+        let ms = restore(&dir.join("restored.raw"))?.as_secs_f64() * 1e3;
+        let name = format!("pit restore, 256 MiB volume, {history} 4K records (ms)");
+        println!("{name:<52} {ms:>12.1}");
+        rows.push(Row {
+            name,
+            ours: ms,
+            peer: None,
+            lower_is_better: true,
+        });
+    }
+    drop(volume);
+
+    step("bench: pit expose retarget");
+    let socket = dir.join("expose.sock");
+    let api = dir.join("expose.api");
+    let _expose = Background::start(
+        Command::new(blk)
+            .args(["pit", "expose", "--at", "0", "--base"])
+            .arg(&base)
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--api-socket")
+            .arg(&api),
+        &[&socket, &api],
+    )?;
+    let retarget = |seq: u64| -> Result<Duration> {
+        let started = Instant::now();
+        sealvm_blk::api::call(&api, json!({"command": "retarget", "at": seq.to_string()}))?;
+        Ok(started.elapsed())
+    };
+    // The first retarget to the end reads the whole journal once; time only what follows.
+    retarget(written)?;
+    retarget(0)?;
+    for distance in RETARGET_DISTANCES {
+        let mut total = Duration::ZERO;
+        for _ in 0..RETARGET_REPEATS {
+            total += retarget(distance)?;
+            total += retarget(0)?;
+        }
+        let ms = total.as_secs_f64() * 1e3 / f64::from(2 * RETARGET_REPEATS);
+        let name = format!("pit retarget across {distance} records (ms)");
+        println!("{name:<52} {ms:>12.3}");
+        rows.push(Row {
+            name,
+            ours: ms,
+            peer: None,
+            lower_is_better: true,
+        });
     }
     Ok(rows)
 }

@@ -19,7 +19,9 @@
 //!
 //! A write's payload is the data written (a multiple of 512 bytes); a bookmark's is its name
 //! in UTF-8. A record whose magic, version, CRC or length does not check out ends the
-//! journal: everything from it on is a torn tail from a crash and is dropped on open.
+//! journal. If it is the last record (nothing valid follows), it is a torn tail from a
+//! crash and is dropped on open; if valid records follow, the journal is damaged and is
+//! refused (see `journal::scan`).
 
 /// Bytes in a record header.
 pub const HEADER_LEN: usize = 48;
