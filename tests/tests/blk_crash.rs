@@ -78,6 +78,18 @@ impl Rng {
 
 #[test]
 fn flushed_writes_survive_sigkill_at_random_moments() {
+    sigkill_rounds("");
+}
+
+/// The same with small segments and a byte limit, so segments close and old history is
+/// folded into the folded base while the backend is killed: a kill can land in the middle
+/// of a fold.
+#[test]
+fn flushed_writes_survive_sigkill_while_history_is_folded() {
+    sigkill_rounds(",segment-size=8K,retain-bytes=24K");
+}
+
+fn sigkill_rounds(options: &str) {
     let seed = std::env::var("SEALVM_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -98,7 +110,11 @@ fn flushed_writes_survive_sigkill_at_random_moments() {
         .unwrap();
     let journal = dir.path().join("j");
     let socket = dir.path().join("blk.sock");
-    let volume = format!("v={},journal={}", image.display(), journal.display());
+    let volume = format!(
+        "v={},journal={}{options}",
+        image.display(),
+        journal.display()
+    );
 
     // What each sector may hold: the value a completed flush covered, plus values written
     // after that flush (acknowledged but not yet durable: they may or may not survive).
@@ -182,6 +198,17 @@ fn flushed_writes_survive_sigkill_at_random_moments() {
         drop(backend);
     }
     assert!(kills >= 25, "the backend was killed only {kills} times");
+    if !options.is_empty() {
+        let folded = sealvm_blk::journal::read_state(&journal).unwrap().base_seq;
+        assert!(folded > 0, "nothing was folded during the run");
+        assert!(
+            std::fs::read(dir.path().join("vol.raw"))
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0),
+            "the volume's image was written"
+        );
+    }
 }
 
 #[test]

@@ -94,7 +94,7 @@ fn guest_writes_are_journaled_and_a_bookmark_restores_exactly() {
 
     // The base image was never written; the journal holds the guest's data.
     assert!(std::fs::read(&base).unwrap().iter().all(|&b| b == 0));
-    let segment = std::fs::read(journal.join("segment-000001.svj")).unwrap();
+    let segment = std::fs::read(sealvm_blk::journal::segment_path(&journal, 1)).unwrap();
     assert!(segment.windows(512).any(|w| w == [b'A'; 512]));
 
     let restore = |at: &str, to: &Path| {

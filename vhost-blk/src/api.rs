@@ -1,9 +1,12 @@
 //! The API socket: one JSON object per line in, one per line out.
 //!
 //! Requests: `{"command": "volumes"}`, `{"command": "counters"}`,
-//! `{"command": "bookmark", "name": NAME}`, `{"command": "bookmarks"}`, and for an exposed
-//! point in time `{"command": "retarget", "at": POINT}`. Answers: `{"return": VALUE}` or
-//! `{"error": TEXT}`.
+//! `{"command": "bookmark", "name": NAME}`, `{"command": "bookmarks"}`,
+//! `{"command": "retention"}` (the limits in force and how far history reaches) and
+//! `{"command": "set-retention", "max-age-s": N, "max-bytes": N}` (either may be absent or
+//! null: no limit; older history is folded away at once, in the background), and for an
+//! exposed point in time `{"command": "retarget", "at": POINT}`. Answers:
+//! `{"return": VALUE}` or `{"error": TEXT}`.
 //!
 //! `counters` returns one object: requests completed and by kind (`requests-by-kind`:
 //! `read`, `write`, `flush`, `get-id`, `discard`, `write-zeroes`, and `rejected` for chains
@@ -11,8 +14,9 @@
 //! `latency-us-log2` (the non-empty log2 buckets of service time as `{"from-us", "count"}`:
 //! the bucket from 2^i µs holds requests served in 2^i to 2^(i+1) µs, the one from 1 µs
 //! also those under 1 µs, the one from 2^23 µs everything longer), and for a journaled
-//! volume `journal-bytes` (the segment's size), `last-seq`, `oldest-seq` and
-//! `oldest-time-ns` (the oldest record still in the journal; absent while it is empty),
+//! volume `journal-bytes` (all segments), `journal-segments`, `last-seq`, `oldest-seq` and
+//! `oldest-time-ns` (the oldest record still within reach; absent while there is none),
+//! `folded-through-seq` (history up to here is folded into the base), `folded-segments`,
 //! `journal-writes`, `journal-flushes` and `journal-syncs` (every fdatasync). `volumes`
 //! lists the volume with the same fields, plus its name, path and the journal's `writes`,
 //! `bytes-written` and `flushes`.
@@ -20,7 +24,7 @@
 use crate::device::BlockDevice;
 use crate::image_access::PointInTimeImage;
 use crate::pit::{self, PointInTime};
-use crate::volume::JournaledVolume;
+use crate::volume::{JournaledVolume, Retention};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -52,9 +56,20 @@ pub struct ServedVolume {
 enum ApiRequest {
     Volumes,
     Counters,
-    Bookmark { name: String },
+    Bookmark {
+        name: String,
+    },
     Bookmarks,
-    Retarget { at: String },
+    Retention,
+    SetRetention {
+        #[serde(default, rename = "max-age-s")]
+        max_age_s: Option<u64>,
+        #[serde(default, rename = "max-bytes")]
+        max_bytes: Option<u64>,
+    },
+    Retarget {
+        at: String,
+    },
 }
 
 /// Serves the API on `path` on a background thread.
@@ -137,6 +152,23 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
             let moved = image.retarget(seq).map_err(|e| e.to_string())?;
             Ok(json!(moved))
         }
+        ApiRequest::Retention => {
+            let journal = journaled(volume)?;
+            Ok(retention(journal))
+        }
+        ApiRequest::SetRetention {
+            max_age_s,
+            max_bytes,
+        } => {
+            let journal = journaled(volume)?;
+            journal
+                .set_retention(Retention {
+                    max_age_s,
+                    max_bytes,
+                })
+                .map_err(|e| format!("cannot change the retention: {e}"))?;
+            Ok(retention(journal))
+        }
         ApiRequest::Bookmarks => {
             let journal = volume
                 .journal
@@ -147,6 +179,26 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
     }
 }
 
+fn journaled(volume: &ServedVolume) -> Result<&JournaledVolume, String> {
+    volume
+        .journal
+        .as_deref()
+        .ok_or_else(|| "this volume is served without a journal; retention needs one".into())
+}
+
+/// The retention in force and how far back history reaches.
+fn retention(journal: &JournaledVolume) -> Value {
+    let mut value = json!(journal.retention());
+    value["folded-through-seq"] = json!(journal.base_seq());
+    value["journal-bytes"] = json!(journal.journal_position().0);
+    value["journal-segments"] = json!(journal.segment_count());
+    if let Some(oldest) = journal.oldest_point() {
+        value["oldest-seq"] = json!(oldest.seq);
+        value["oldest-time-ns"] = json!(oldest.time_ns);
+    }
+    value
+}
+
 /// The `counters` object for `volume` (see the module documentation).
 fn counters(volume: &ServedVolume) -> Value {
     let mut counters = volume.device.counters.to_json();
@@ -155,6 +207,9 @@ fn counters(volume: &ServedVolume) -> Value {
         let oldest = journal.oldest_point();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         counters["journal-bytes"] = json!(bytes);
+        counters["journal-segments"] = json!(journal.segment_count());
+        counters["folded-through-seq"] = json!(journal.base_seq());
+        counters["folded-segments"] = json!(load(&journal.counters.folded_segments));
         counters["last-seq"] = json!(last_seq);
         if let Some(oldest) = oldest {
             counters["oldest-seq"] = json!(oldest.seq);

@@ -3,11 +3,12 @@
 //! allowed, go to a throw-away in-memory overlay. Moving the view to another point in time
 //! touches only the records between the two points.
 //!
-//! A journal consumer: it opens the segment read-only and never touches the live device,
-//! which may keep appending while the view is served.
+//! A journal consumer: it opens the segments read-only and never touches the live device,
+//! which may keep appending while the view is served. It holds the journal's history for
+//! its whole life, so the server folds nothing away under it.
 
 use crate::journal::format::{RecordKind, HEADER_LEN};
-use crate::journal::{self, JournalError};
+use crate::journal::{self, Cursor, HistoryHold, JournalError};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
 use std::collections::HashMap;
 use std::fs::File;
@@ -44,6 +45,17 @@ pub enum ImageAccessError {
         /// The last record.
         last: u64,
     },
+    /// The point lies in history that retention has folded away.
+    #[error(
+        "sequence number {asked} is older than the journal reaches: history up to seq \
+         {base_seq} has been folded into the base"
+    )]
+    FoldedAway {
+        /// Asked for.
+        asked: u64,
+        /// The oldest point left.
+        base_seq: u64,
+    },
 }
 
 /// One write record: where its data is and which sectors it covers.
@@ -58,16 +70,19 @@ struct WriteRecord {
 struct History {
     /// Write records in sequence order.
     writes: Vec<WriteRecord>,
-    /// Per sector, every version as (seq, segment offset of its data), in sequence order.
+    /// Per sector, every version as (seq, where its data lies), in sequence order; where
+    /// is a segment ordinal << 32 | offset in the segment.
     versions: HashMap<u64, Vec<(u64, u64)>>,
     /// Where the next scan starts.
-    scanned_len: u64,
+    cursor: Option<Cursor>,
     scanned_seq: u64,
+    /// First seq of each segment seen, by ordinal.
+    segment_names: Vec<u64>,
 }
 
 struct View {
     seq: u64,
-    /// Sector to the segment offset of its data as of `seq`.
+    /// Sector to where its data as of `seq` lies (ordinal << 32 | offset).
     index: HashMap<u64, u64>,
     /// Throw-away writes made to the view.
     overlay: HashMap<u64, Vec<u8>>,
@@ -85,8 +100,11 @@ pub struct Retargeted {
 /// A point in time of a journaled volume, served as a block device.
 pub struct PointInTimeImage {
     base: RawFile,
-    segment: File,
+    /// Segment files by ordinal.
+    segments: RwLock<Vec<File>>,
     dir: PathBuf,
+    base_seq: u64,
+    _hold: Option<HistoryHold>,
     history: Mutex<History>,
     view: RwLock<View>,
     writable: bool,
@@ -100,22 +118,30 @@ impl PointInTimeImage {
         seq: u64,
         writable: bool,
     ) -> Result<Self, ImageAccessError> {
-        let base = RawFile::open(base, true)?;
-        let segment =
-            File::open(journal::segment_path(dir)).map_err(|source| ImageAccessError::Segment {
+        if !dir.is_dir() {
+            return Err(ImageAccessError::Segment {
                 dir: dir.to_path_buf(),
-                source,
-            })?;
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
+        let hold = journal::hold_history(dir)?;
+        let base_seq = journal::read_state(dir)?.base_seq;
+        let base = RawFile::open(&journal::effective_base(dir, base), true)?;
         let image = PointInTimeImage {
             base,
-            segment,
+            segments: RwLock::new(Vec::new()),
             dir: dir.to_path_buf(),
+            base_seq,
+            _hold: hold,
             history: Mutex::new(History {
                 writes: Vec::new(),
                 versions: HashMap::new(),
-                scanned_len: 0,
-                scanned_seq: 0,
+                cursor: None,
+                scanned_seq: base_seq,
+                segment_names: Vec::new(),
             }),
+            // From seq 0, so the first retarget indexes every record up to the point,
+            // including those of a segment a crash left half folded.
             view: RwLock::new(View {
                 seq: 0,
                 index: HashMap::new(),
@@ -141,8 +167,14 @@ impl PointInTimeImage {
     /// the write records between the two points (plus any records appended to the journal
     /// since the last look, read once).
     pub fn retarget(&self, seq: u64) -> Result<Retargeted, ImageAccessError> {
+        if seq < self.base_seq {
+            return Err(ImageAccessError::FoldedAway {
+                asked: seq,
+                base_seq: self.base_seq,
+            });
+        }
         let mut history = self.history.lock().map_err(|_| poisoned())?;
-        if seq > history.scanned_seq {
+        if history.cursor.is_none() || seq > history.scanned_seq {
             self.read_new_records(&mut history)?;
         }
         if seq > history.scanned_seq {
@@ -175,38 +207,60 @@ impl PointInTimeImage {
 
     fn read_new_records(&self, history: &mut History) -> Result<(), ImageAccessError> {
         let History {
-            writes, versions, ..
+            writes,
+            versions,
+            segment_names,
+            cursor,
+            ..
         } = history;
-        let summary = journal::scan_from(
-            &self.dir,
-            history.scanned_len,
-            history.scanned_seq,
-            |header, at, _| {
-                if header.kind == RecordKind::Write {
-                    let record = WriteRecord {
-                        seq: header.seq,
-                        first_sector: header.offset / SECTOR,
-                        sectors: u64::from(header.len) / SECTOR,
-                        data_offset: at + HEADER_LEN as u64,
-                    };
-                    for i in 0..record.sectors {
-                        versions
-                            .entry(record.first_sector + i)
-                            .or_default()
-                            .push((record.seq, record.data_offset + i * SECTOR));
+        let mut new_segments = Vec::new();
+        let mut failure = None;
+        let summary = journal::scan_from(&self.dir, *cursor, |header, at, _| {
+            if segment_names.last() != Some(&at.segment) {
+                match File::open(journal::segment_path(&self.dir, at.segment)) {
+                    Ok(file) => new_segments.push(file),
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
                     }
-                    writes.push(record);
                 }
-                true
-            },
-        )?;
-        history.scanned_len = summary.valid_len;
-        history.scanned_seq = summary.last_seq;
+                segment_names.push(at.segment);
+            }
+            let ordinal = (segment_names.len() - 1) as u64;
+            if header.kind == RecordKind::Write {
+                let record = WriteRecord {
+                    seq: header.seq,
+                    first_sector: header.offset / SECTOR,
+                    sectors: u64::from(header.len) / SECTOR,
+                    data_offset: (ordinal << 32) | (at.offset + HEADER_LEN as u64),
+                };
+                for i in 0..record.sectors {
+                    versions
+                        .entry(record.first_sector + i)
+                        .or_default()
+                        .push((record.seq, record.data_offset + i * SECTOR));
+                }
+                writes.push(record);
+            }
+            true
+        })?;
+        if let Some(source) = failure {
+            return Err(ImageAccessError::Segment {
+                dir: self.dir.clone(),
+                source,
+            });
+        }
+        self.segments
+            .write()
+            .map_err(|_| poisoned())?
+            .extend(new_segments);
+        *cursor = Some(summary.end);
+        history.scanned_seq = history.scanned_seq.max(summary.end.last_seq);
         Ok(())
     }
 }
 
-/// The segment offset of `sector`'s newest version at or before `seq`.
+/// Where `sector`'s newest version at or before `seq` lies.
 fn newest_at(versions: &HashMap<u64, Vec<(u64, u64)>>, sector: u64, seq: u64) -> Option<u64> {
     let list = versions.get(&sector)?;
     let newer = list.partition_point(|&(s, _)| s <= seq);
@@ -231,13 +285,20 @@ impl BlockBackend for PointInTimeImage {
             .view
             .read()
             .map_err(|_| io::Error::other("view lock poisoned"))?;
+        let segments = self
+            .segments
+            .read()
+            .map_err(|_| io::Error::other("segment list lock poisoned"))?;
         let first = offset / SECTOR;
         for (i, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
             let n = first + i as u64;
             if let Some(data) = view.overlay.get(&n) {
                 sector.copy_from_slice(data);
             } else if let Some(&at) = view.index.get(&n) {
-                self.segment.read_exact_at(sector, at)?;
+                let segment = segments
+                    .get((at >> 32) as usize)
+                    .ok_or_else(|| io::Error::other("index names an unknown segment"))?;
+                segment.read_exact_at(sector, at & 0xffff_ffff)?;
             }
         }
         Ok(())

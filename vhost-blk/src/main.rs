@@ -5,7 +5,7 @@ use sealvm_blk::device::BlockDevice;
 use sealvm_blk::image_access::PointInTimeImage;
 use sealvm_blk::journal;
 use sealvm_blk::pit::{self, PointInTime};
-use sealvm_blk::volume::JournaledVolume;
+use sealvm_blk::volume::{JournalOptions, JournaledVolume};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
 use serde_json::json;
 use std::path::PathBuf;
@@ -18,10 +18,12 @@ use vm_memory::GuestMemoryAtomic;
 ///
 /// Serves a volume to QEMU (`-device vhost-user-blk-pci`), cloud-hypervisor or sealvm over
 /// a vhost-user socket. With a journal, every write becomes a journal record and the base
-/// image is never written, so any point in time can be bookmarked and restored.
+/// image is never written, so any point in time can be bookmarked and restored. Retention
+/// (retain=, retain-bytes=) bounds how far back that reaches: older history is folded into
+/// a copy of the image in the journal directory, in the background.
 ///
 /// Example:
-///   sealvm-blk serve --volume web1=web1.raw,journal=web1.journal --socket web1.sock --api-socket web1.api
+///   sealvm-blk serve --volume web1=web1.raw,journal=web1.journal,retain=24h --socket web1.sock --api-socket web1.api
 ///   sealvm-blk bookmark --api-socket web1.api before-upgrade
 ///   sealvm-blk pit restore --base web1.raw --journal web1.journal --at before-upgrade --to restored.raw
 #[derive(Parser)]
@@ -38,8 +40,12 @@ struct Cli {
 enum Command {
     /// Serve a volume on a vhost-user socket until interrupted.
     Serve {
-        /// NAME=PATH[,journal=DIR][,readonly][,write-through]: the raw image to serve; with a
-        /// journal every write is journaled and PATH is never written.
+        /// NAME=PATH[,journal=DIR][,readonly][,write-through][,retain=AGE][,retain-bytes=SIZE]
+        /// [,segment-size=SIZE]: the raw image to serve. With a journal every write is
+        /// journaled and PATH is never written; retain= (30m, 24h, 7d) and retain-bytes=
+        /// (512M, 10G) bound how far back points in time reach (default: no limit), and
+        /// history older than that is folded away a segment (segment-size=, default 64M) at
+        /// a time.
         #[arg(long)]
         volume: String,
         /// The vhost-user socket to listen on.
@@ -127,29 +133,76 @@ struct VolumeSpec {
     path: PathBuf,
     journal: Option<PathBuf>,
     read_only: bool,
-    write_through: bool,
+    options: JournalOptions,
+}
+
+/// `30s`, `15m`, `24h`, `7d` or plain seconds.
+fn parse_age(text: &str) -> Option<u64> {
+    let (number, unit) = match text.char_indices().last()? {
+        (i, 's') => (&text[..i], 1),
+        (i, 'm') => (&text[..i], 60),
+        (i, 'h') => (&text[..i], 3600),
+        (i, 'd') => (&text[..i], 86400),
+        _ => (text, 1),
+    };
+    number.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+/// `4096`, `64K`, `512M`, `10G` (powers of 1024).
+fn parse_size(text: &str) -> Option<u64> {
+    let (number, unit) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
+        (i, 'M') => (&text[..i], 1 << 20),
+        (i, 'G') => (&text[..i], 1 << 30),
+        (i, 'T') => (&text[..i], 1 << 40),
+        _ => (text, 1),
+    };
+    number.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 fn parse_volume(spec: &str) -> anyhow::Result<VolumeSpec> {
     let mut parts = spec.split(',');
     let first = parts.next().unwrap_or_default();
     let Some((name, path)) = first.split_once('=') else {
-        bail!("--volume {spec:?}: expected NAME=PATH[,journal=DIR][,readonly][,write-through]");
+        bail!(
+            "--volume {spec:?}: expected NAME=PATH[,journal=DIR][,readonly][,write-through]\
+             [,retain=AGE][,retain-bytes=SIZE][,segment-size=SIZE]"
+        );
     };
     let mut volume = VolumeSpec {
         name: name.into(),
         path: path.into(),
         journal: None,
         read_only: false,
-        write_through: false,
+        options: JournalOptions::default(),
     };
+    let mut retention = false;
     for option in parts {
+        let bad = |what: &str| anyhow::anyhow!("--volume {spec:?}: {option:?} is not {what}");
         match option.split_once('=') {
             Some(("journal", dir)) => volume.journal = Some(dir.into()),
+            Some(("retain", age)) => {
+                volume.options.retention.max_age_s =
+                    Some(parse_age(age).ok_or_else(|| bad("an age like 30m, 24h or 7d"))?);
+                retention = true;
+            }
+            Some(("retain-bytes", size)) => {
+                volume.options.retention.max_bytes =
+                    Some(parse_size(size).ok_or_else(|| bad("a size like 512M or 10G"))?);
+                retention = true;
+            }
+            Some(("segment-size", size)) => {
+                volume.options.segment_bytes =
+                    parse_size(size).ok_or_else(|| bad("a size like 64M"))?;
+                retention = true;
+            }
             None if option == "readonly" => volume.read_only = true,
-            None if option == "write-through" => volume.write_through = true,
+            None if option == "write-through" => volume.options.write_through = true,
             _ => bail!("--volume {spec:?}: unknown option {option:?}"),
         }
+    }
+    if retention && volume.journal.is_none() {
+        bail!("--volume {spec:?}: retain=, retain-bytes= and segment-size= need journal=DIR");
     }
     if volume.name.is_empty() || volume.path.as_os_str().is_empty() {
         bail!("--volume {spec:?}: NAME and PATH must not be empty");
@@ -273,14 +326,18 @@ fn serve(
                 if spec.read_only {
                     bail!("a journaled volume cannot be read-only; drop journal= or readonly");
                 }
-                let (volume, opened) = JournaledVolume::open(&spec.path, dir, spec.write_through)?;
+                let (volume, opened) = JournaledVolume::open_with(&spec.path, dir, spec.options)?;
+                let retention = spec.options.retention;
                 tracing::info!(
                     records = opened.records,
                     dropped_bytes = opened.dropped_bytes,
                     journal = %dir.display(),
+                    retain_s = retention.max_age_s,
+                    retain_bytes = retention.max_bytes,
                     "journal replayed"
                 );
                 let volume = Arc::new(volume);
+                volume.start_folder(Duration::from_secs(1));
                 (volume.clone(), Some(volume))
             }
             None => (Arc::new(RawFile::open(&spec.path, spec.read_only)?), None),
@@ -386,28 +443,56 @@ fn bookmark(
 }
 
 fn pit_list(journal_dir: &std::path::Path, as_json: bool) -> anyhow::Result<()> {
-    let summary = journal::scan(journal_dir, |_, _, _| true)?;
-    let bookmarks = journal::bookmarks(journal_dir)?;
+    if !journal_dir.is_dir() {
+        bail!("{} is not a journal directory", journal_dir.display());
+    }
+    // Hold the history so the server folds nothing away while we read it.
+    let _hold = journal::hold_history(journal_dir)?;
+    let base_seq = journal::read_state(journal_dir)?.base_seq;
+    let mut bookmarks = Vec::new();
+    let mut oldest_time_ns = None;
+    let summary = journal::scan(journal_dir, |header, _, payload| {
+        if header.seq > base_seq {
+            oldest_time_ns.get_or_insert(header.time_ns);
+            if header.kind == journal::format::RecordKind::Bookmark {
+                bookmarks.push(journal::Bookmark {
+                    name: String::from_utf8_lossy(payload).into_owned(),
+                    seq: header.seq,
+                    time_ns: header.time_ns,
+                });
+            }
+        }
+        true
+    })?;
+    let last_seq = summary.last_seq.max(base_seq);
+    let segments = journal::segments(journal_dir)?.len();
     if as_json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "records": summary.records,
-                "first-seq": if summary.records > 0 { 1 } else { 0 },
-                "last-seq": summary.last_seq,
-                "oldest-time-ns": summary.first_time_ns,
+                "records": last_seq - base_seq,
+                "oldest-seq": base_seq,
+                "last-seq": last_seq,
+                "folded-through-seq": base_seq,
+                "oldest-time-ns": oldest_time_ns,
                 "newest-time-ns": summary.last_time_ns,
+                "segments": segments,
+                "journal-bytes": summary.bytes,
                 "torn-tail-bytes": summary.dropped_len,
                 "bookmarks": bookmarks,
             }))?
         );
     } else {
+        let span =
+            oldest_time_ns.map_or(0.0, |t| summary.last_time_ns.saturating_sub(t) as f64 / 1e9);
         println!(
-            "{} records, seq 1..{}, {:.3} s of history",
-            summary.records,
-            summary.last_seq,
-            summary.last_time_ns.saturating_sub(summary.first_time_ns) as f64 / 1e9
+            "points in time: seq {base_seq}..{last_seq} ({} records, {span:.3} s of history, {} bytes in {segments} segments)",
+            last_seq - base_seq,
+            summary.bytes,
         );
+        if base_seq > 0 {
+            println!("history up to seq {base_seq} is folded into the base (retention)");
+        }
         for b in bookmarks {
             println!(
                 "bookmark {:<24} seq {:>10}  @{:.3}",

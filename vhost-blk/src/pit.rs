@@ -65,6 +65,17 @@ pub enum PitError {
         /// The last record.
         last: u64,
     },
+    /// The point lies in history that retention has folded away.
+    #[error(
+        "sequence number {asked} is older than the journal reaches: history up to seq {base_seq} \
+         has been folded into the base (retention); the oldest point in time is {base_seq}"
+    )]
+    FoldedAway {
+        /// Asked for.
+        asked: u64,
+        /// The last folded sequence number, the oldest point left.
+        base_seq: u64,
+    },
     /// Reading the journal failed.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -88,8 +99,22 @@ pub enum PitError {
     },
 }
 
-/// Resolves `point` to the last sequence number it includes.
+/// Resolves `point` to the last sequence number it includes. A point older than the folded
+/// history is [`PitError::FoldedAway`].
 pub fn resolve(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError> {
+    let _hold = journal::hold_history(journal_dir)?;
+    let base_seq = journal::read_state(journal_dir)?.base_seq;
+    let seq = resolve_in(journal_dir, point)?;
+    if seq < base_seq {
+        return Err(PitError::FoldedAway {
+            asked: seq,
+            base_seq,
+        });
+    }
+    Ok(seq)
+}
+
+fn resolve_in(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError> {
     let mut found = None;
     let summary = journal::scan(journal_dir, |header, _, payload| match point {
         PointInTime::Bookmark(name) => {
@@ -108,11 +133,13 @@ pub fn resolve(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError>
         }
         PointInTime::Seq(_) | PointInTime::Latest => true,
     })?;
+    let base_seq = journal::read_state(journal_dir)?.base_seq;
+    let last_seq = summary.last_seq.max(base_seq);
     match point {
-        PointInTime::Latest => Ok(summary.last_seq),
-        PointInTime::Seq(seq) if *seq > summary.last_seq => Err(PitError::BeyondJournal {
+        PointInTime::Latest => Ok(last_seq),
+        PointInTime::Seq(seq) if *seq > last_seq => Err(PitError::BeyondJournal {
             asked: *seq,
-            last: summary.last_seq,
+            last: last_seq,
         }),
         PointInTime::Seq(seq) => Ok(*seq),
         PointInTime::Bookmark(name) => found.ok_or_else(|| PitError::NoSuchBookmark(name.clone())),
@@ -120,8 +147,8 @@ pub fn resolve(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError>
     }
 }
 
-/// Writes the volume as it was after record `seq` to `to`: a copy of the base with every
-/// journaled write up to `seq` applied. The file appears only when complete (written to a
+/// Writes the volume as it was after record `seq` to `to`: a copy of the base (the folded
+/// base once history has been folded) with every journaled write up to `seq` applied. The file appears only when complete (written to a
 /// temporary name, fdatasync'ed, renamed). `progress` is called with (records applied, of).
 pub fn restore(
     base: &Path,
@@ -138,8 +165,17 @@ pub fn restore(
         path: base.to_path_buf(),
         source,
     })?;
+    let _hold = journal::hold_history(journal_dir)?;
+    let base_seq = journal::read_state(journal_dir)?.base_seq;
+    if seq < base_seq {
+        return Err(PitError::FoldedAway {
+            asked: seq,
+            base_seq,
+        });
+    }
+    let base = journal::effective_base(journal_dir, base);
     let partial = to.with_extension("partial");
-    let result = restore_into(base, journal_dir, seq, &partial, &mut progress);
+    let result = restore_into(&base, journal_dir, seq, &partial, &mut progress);
     if result.is_err() {
         // A half-built image is of no use; leave nothing behind but the error.
         let _ = std::fs::remove_file(&partial);
@@ -154,7 +190,6 @@ pub fn restore(
             let _ = dir.sync_all();
         }
     }
-    progress(seq, seq);
     Ok(())
 }
 
@@ -176,6 +211,11 @@ fn restore_into(
         .write(true)
         .open(partial)
         .map_err(RestoreFailure::Write)?;
+    let first = journal::segments(journal_dir)
+        .map_err(RestoreFailure::Journal)?
+        .first()
+        .map_or(1, |&(first, _)| first);
+    let total = (seq + 1).saturating_sub(first);
     let mut failure = None;
     let mut applied = 0;
     journal::scan(journal_dir, |header, _, payload| {
@@ -189,8 +229,8 @@ fn restore_into(
             }
         }
         applied += 1;
-        if applied % 1024 == 0 || applied == seq {
-            progress(applied, seq);
+        if applied % 1024 == 0 || applied == total {
+            progress(applied, total);
         }
         true
     })
@@ -286,7 +326,7 @@ mod tests {
             volume.write_at(512, &[2; 512]).unwrap();
             volume.bookmark("after").unwrap();
         }
-        let segment = journal::segment_path(&journal);
+        let segment = journal::segment_path(&journal, 1);
         let mut bytes = std::fs::read(&segment).unwrap();
         bytes[100] ^= 1; // inside the first record's payload
         std::fs::write(&segment, &bytes).unwrap();

@@ -35,7 +35,7 @@ fn journal_with_three_writes(dir: &Path) -> (String, String) {
 fn serve_and_pit_refuse_a_journal_damaged_in_the_middle() {
     let dir = tempfile::tempdir().unwrap();
     let (base, journal) = journal_with_three_writes(dir.path());
-    let segment = journal::segment_path(Path::new(&journal));
+    let segment = journal::segment_path(Path::new(&journal), 1);
     let mut bytes = std::fs::read(&segment).unwrap();
     let second = format::record_len(512) as usize;
     bytes[second + format::HEADER_LEN + 7] ^= 0x40;
@@ -87,7 +87,7 @@ fn serve_and_pit_refuse_a_journal_damaged_in_the_middle() {
 fn serve_cuts_a_torn_last_record_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let (base, journal) = journal_with_three_writes(dir.path());
-    let segment = journal::segment_path(Path::new(&journal));
+    let segment = journal::segment_path(Path::new(&journal), 1);
     let len = std::fs::metadata(&segment).unwrap().len();
     // Half of the last record reached the disk.
     let file = std::fs::OpenOptions::new()

@@ -11,9 +11,19 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-/// The segment file inside a journal directory. (One segment for now; rotation and folding
-/// of old history are not built yet.)
-pub const SEGMENT_NAME: &str = "segment-000001.svj";
+/// Prefix and suffix of segment file names: `segment-<first seq, 12 digits>.svj`.
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".svj";
+/// The fold state: how far history has been folded into the folded base.
+pub const STATE_NAME: &str = "state.json";
+/// The folded base: the base image with every folded record applied. It exists once the
+/// first segment has been folded; until then the volume's own image is the base.
+pub const FOLDED_BASE_NAME: &str = "folded-base.raw";
+/// Held exclusively by the server while it folds a segment and shared by every reader
+/// (`pit`), so history never disappears under a reader.
+pub const FOLD_LOCK_NAME: &str = "fold.lock";
+/// Held exclusively by the one server of a journal.
+pub const SERVE_LOCK_NAME: &str = "serve.lock";
 
 /// Errors reading a journal.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,30 @@ pub enum JournalError {
         /// Byte offset of the first valid record after it.
         next_valid: u64,
     },
+    /// A segment that is not the last one does not end cleanly, or a segment does not start
+    /// where the one before it ended: records are missing from the middle of the journal.
+    #[error(
+        "journal segment {path} breaks the journal at byte {offset}: the next record should \
+         be seq {seq}, and later segments follow, so records are missing or damaged in the \
+         middle. Refusing to use it: copy the journal aside and restore from a replica or \
+         backup"
+    )]
+    Gap {
+        /// The segment.
+        path: PathBuf,
+        /// Where its valid records end.
+        offset: u64,
+        /// The sequence number the next record should have had.
+        seq: u64,
+    },
+    /// The fold state file is unreadable.
+    #[error("the journal's fold state {path} is unreadable: {reason}")]
+    BadState {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// A bookmark: a named point in the journal.
@@ -57,57 +91,285 @@ pub struct Bookmark {
     pub time_ns: u64,
 }
 
-/// What a scan of a segment found.
+/// Where a record lies: its segment (named by the sequence number of the segment's first
+/// record) and its byte offset in that segment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Location {
+    /// The first sequence number of the segment, which names it.
+    pub segment: u64,
+    /// Byte offset in the segment.
+    pub offset: u64,
+}
+
+/// Where a scan stopped: the next scan resumes here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The segment and offset the next record would start at.
+    pub at: Location,
+    /// The sequence number of the last record read (0 before the first).
+    pub last_seq: u64,
+}
+
+/// What a scan of a journal found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanSummary {
-    /// Bytes of valid records from the start of the segment.
+    /// Bytes of valid records in the last segment read.
     pub valid_len: u64,
-    /// Bytes after the valid records (a torn tail or corruption), dropped on open.
+    /// Bytes after the valid records of the last segment (a torn tail), dropped on open.
     pub dropped_len: u64,
     /// Records read.
     pub records: u64,
+    /// Sequence number of the first record read (0 when there is none).
+    pub first_seq: u64,
     /// Sequence number of the last valid record (0 when there is none).
     pub last_seq: u64,
-    /// Time of the first and last valid records.
+    /// Time of the first valid record.
     pub first_time_ns: u64,
     /// Time of the last valid record.
     pub last_time_ns: u64,
+    /// Where the next scan resumes.
+    pub end: Cursor,
+    /// Bytes of valid records in every segment read.
+    pub bytes: u64,
 }
 
-/// Path of the segment in `dir`.
-pub fn segment_path(dir: &Path) -> PathBuf {
-    dir.join(SEGMENT_NAME)
+/// The journal's fold state (`state.json`): everything up to `base_seq` is folded into
+/// the folded base, or being folded; points in time before `base_seq` are gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FoldState {
+    /// The last sequence number folded (0: nothing folded, the volume's image is the base).
+    pub base_seq: u64,
 }
 
-/// Reads the segment in order, calling `visit` with each valid record, its byte offset in
-/// the segment and its payload, until the end or a torn tail: a last record that is
-/// incomplete or does not check out, with no valid record after it. A damaged record with
-/// a valid record after it is [`JournalError::Corrupt`]. `visit` returns false to stop
-/// early.
-pub fn scan(
-    dir: &Path,
-    visit: impl FnMut(&RecordHeader, u64, &[u8]) -> bool,
-) -> Result<ScanSummary, JournalError> {
-    scan_from(dir, 0, 0, visit)
+/// The path of the segment whose first record is `first_seq`.
+pub fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{first_seq:012}{SEGMENT_SUFFIX}"))
 }
 
-/// Like [`scan`], but starting at byte `offset` of the segment, where the record after
-/// `last_seq` begins (a position an earlier scan returned as `valid_len`/`last_seq`).
-/// The summary's lengths and counts cover only what this call read.
-pub fn scan_from(
-    dir: &Path,
-    offset: u64,
-    last_seq: u64,
-    mut visit: impl FnMut(&RecordHeader, u64, &[u8]) -> bool,
-) -> Result<ScanSummary, JournalError> {
-    let path = segment_path(dir);
+/// The journal's segments in order, as (first sequence number, path).
+pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(JournalError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| JournalError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let first = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SEGMENT_PREFIX))
+            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(first) = first.filter(|&f| f > 0) {
+            found.push((first, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Reads the fold state; a journal without one has folded nothing.
+pub fn read_state(dir: &Path) -> Result<FoldState, JournalError> {
+    let path = dir.join(STATE_NAME);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| JournalError::BadState {
+            path,
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(FoldState::default()),
+        Err(source) => Err(JournalError::Io { path, source }),
+    }
+}
+
+/// Replaces the fold state atomically: a crash leaves the old or the new one.
+pub fn write_state(dir: &Path, state: FoldState) -> io::Result<()> {
+    let tmp = dir.join(format!("{STATE_NAME}.tmp"));
+    let bytes = serde_json::to_vec(&state).map_err(io::Error::other)?;
+    let mut file = File::create(&tmp)?;
+    io::Write::write_all(&mut file, &bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(STATE_NAME))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, making creations, renames and removals in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The image a journal's records apply to: the folded base once history has been folded,
+/// the volume's own image `base` before.
+pub fn effective_base(dir: &Path, base: &Path) -> PathBuf {
+    let folded = dir.join(FOLDED_BASE_NAME);
+    if folded.exists() {
+        folded
+    } else {
+        base.to_path_buf()
+    }
+}
+
+/// A shared hold on a journal's history: while it is held, the server folds nothing away.
+/// Readers of a journal (restore, image access, listing) take one.
+pub struct HistoryHold {
+    _file: File,
+}
+
+/// Takes a shared hold on the history of the journal in `dir`, waiting for a fold in
+/// progress to finish. A journal directory that does not exist needs no hold.
+pub fn hold_history(dir: &Path) -> Result<Option<HistoryHold>, JournalError> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let path = dir.join(FOLD_LOCK_NAME);
     let io_err = |source| JournalError::Io {
         path: path.clone(),
         source,
     };
-    let file = match File::open(&path) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err)?;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&file), libc::LOCK_SH) } != 0 {
+        return Err(io_err(io::Error::last_os_error()));
+    }
+    Ok(Some(HistoryHold { _file: file }))
+}
+
+/// Reads every segment in order, calling `visit` with each valid record, where it lies and
+/// its payload, until the end or a torn tail: a last record that is incomplete or does not
+/// check out, with no valid record after it. A damaged record with a valid record after it
+/// is [`JournalError::Corrupt`]; a segment that does not continue the one before it is
+/// [`JournalError::Gap`]. `visit` returns false to stop early.
+pub fn scan(
+    dir: &Path,
+    visit: impl FnMut(&RecordHeader, Location, &[u8]) -> bool,
+) -> Result<ScanSummary, JournalError> {
+    scan_from(dir, None, visit)
+}
+
+/// Like [`scan`], but resuming at `from`, where an earlier scan stopped (its
+/// [`ScanSummary::end`]). The summary's counts cover only what this call read.
+pub fn scan_from(
+    dir: &Path,
+    from: Option<Cursor>,
+    mut visit: impl FnMut(&RecordHeader, Location, &[u8]) -> bool,
+) -> Result<ScanSummary, JournalError> {
+    let all = segments(dir)?;
+    let mut summary = ScanSummary::default();
+    let Some(&(first_segment, _)) = all.first() else {
+        summary.end = from.unwrap_or_default();
+        return Ok(summary);
+    };
+    let mut cursor = from.unwrap_or(Cursor {
+        at: Location {
+            segment: first_segment,
+            offset: 0,
+        },
+        last_seq: first_segment - 1,
+    });
+    summary.last_seq = cursor.last_seq;
+    let start = all.partition_point(|&(first, _)| first < cursor.at.segment);
+    let mut stopped = false;
+    for (i, (first, path)) in all[start..].iter().enumerate() {
+        let is_last = start + i + 1 == all.len();
+        let offset = if *first == cursor.at.segment {
+            cursor.at.offset
+        } else {
+            // A new segment starts with the record after the last one read.
+            if *first != cursor.last_seq + 1 {
+                let previous = all[start + i - 1].1.clone();
+                return Err(JournalError::Gap {
+                    path: previous,
+                    offset: cursor.at.offset,
+                    seq: cursor.last_seq + 1,
+                });
+            }
+            0
+        };
+        let part = scan_segment(path, offset, cursor.last_seq, &mut |header, at, payload| {
+            let keep_going = visit(
+                header,
+                Location {
+                    segment: *first,
+                    offset: at,
+                },
+                payload,
+            );
+            if !keep_going {
+                stopped = true;
+            }
+            keep_going
+        })?;
+        if part.records > 0 {
+            if summary.records == 0 {
+                summary.first_seq = part.first_seq;
+                summary.first_time_ns = part.first_time_ns;
+            }
+            summary.records += part.records;
+            summary.last_seq = part.last_seq;
+            summary.last_time_ns = part.last_time_ns;
+        }
+        summary.bytes += part.valid_len - offset;
+        summary.valid_len = part.valid_len;
+        summary.dropped_len = part.dropped_len;
+        cursor = Cursor {
+            at: Location {
+                segment: *first,
+                offset: part.valid_len,
+            },
+            last_seq: part.last_seq,
+        };
+        if stopped {
+            break;
+        }
+        if !is_last && part.dropped_len > 0 {
+            // A segment is fdatasync'ed before the next one is created, so only the last
+            // can end in a torn record.
+            return Err(JournalError::Gap {
+                path: path.clone(),
+                offset: part.valid_len,
+                seq: part.last_seq + 1,
+            });
+        }
+    }
+    summary.end = cursor;
+    Ok(summary)
+}
+
+/// Scans one segment from byte `offset`, where the record after `last_seq` begins.
+fn scan_segment(
+    path: &Path,
+    offset: u64,
+    last_seq: u64,
+    visit: &mut dyn FnMut(&RecordHeader, u64, &[u8]) -> bool,
+) -> Result<ScanSummary, JournalError> {
+    let io_err = |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ScanSummary::default()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(ScanSummary {
+                valid_len: offset,
+                last_seq,
+                ..ScanSummary::default()
+            })
+        }
         Err(e) => return Err(io_err(e)),
     };
     let total = file.metadata().map_err(io_err)?.len();
@@ -143,6 +405,7 @@ pub fn scan_from(
             break;
         }
         if summary.records == 0 {
+            summary.first_seq = header.seq;
             summary.first_time_ns = header.time_ns;
         }
         summary.records += 1;
@@ -165,7 +428,7 @@ pub fn scan_from(
             .is_none()
         {
             return Err(JournalError::Corrupt {
-                path,
+                path: path.to_path_buf(),
                 offset: summary.valid_len,
                 seq: summary.last_seq + 1,
                 next_valid,

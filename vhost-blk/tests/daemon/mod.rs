@@ -66,6 +66,7 @@ impl Drop for Daemon {
 }
 
 /// `after[key] - before[key]` for a counter at the JSON pointer `key`.
+#[allow(dead_code)] // not every test binary that includes this module calls it
 pub fn moved(before: &Value, after: &Value, key: &str) -> u64 {
     let get = |v: &Value| {
         v.pointer(key)
