@@ -1,4 +1,5 @@
-//! The API socket: one JSON object per line in, one per line out.
+//! The API socket: one JSON object per line in, one per line out, for every volume a
+//! `serve` process serves (or the one point in time `pit expose` serves).
 //!
 //! Requests: `{"command": "volumes"}`, `{"command": "counters"}`,
 //! `{"command": "bookmark", "name": NAME}`, `{"command": "bookmarks"}`,
@@ -7,6 +8,12 @@
 //! null: no limit; older history is folded away at once, in the background), and for an
 //! exposed point in time `{"command": "retarget", "at": POINT}`. Answers:
 //! `{"return": VALUE}` or `{"error": TEXT}`.
+//!
+//! Every command but `volumes` and `retarget` takes `"volume": NAME`, which may be left out
+//! when one volume is served. `bookmark` without a volume while several are served bookmarks
+//! every journaled volume at one consistent point (no write to any of them falls between
+//! the records) and answers `{"name", "seqs": {VOLUME: SEQ}}`; with one volume it answers
+//! the bookmark (`name`, `seq`, `time_ns`).
 //!
 //! `counters` returns one object: requests completed and by kind (`requests-by-kind`:
 //! `read`, `write`, `flush`, `get-id`, `discard`, `write-zeroes`, and `rejected` for chains
@@ -18,8 +25,8 @@
 //! `oldest-time-ns` (the oldest record still within reach; absent while there is none),
 //! `folded-through-seq` (history up to here is folded into the base), `folded-segments`,
 //! `journal-writes`, `journal-flushes` and `journal-syncs` (every fdatasync). `volumes`
-//! lists the volume with the same fields, plus its name, path and the journal's `writes`,
-//! `bytes-written` and `flushes`.
+//! lists every volume with the same fields, plus its name, path and for a journaled one
+//! `journal-dir`, `writes`, `bytes-written` and `flushes`.
 
 use crate::device::BlockDevice;
 use crate::image_access::PointInTimeImage;
@@ -55,13 +62,21 @@ pub struct ServedVolume {
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 enum ApiRequest {
     Volumes,
-    Counters,
+    Counters {
+        volume: Option<String>,
+    },
     Bookmark {
         name: String,
+        volume: Option<String>,
     },
-    Bookmarks,
-    Retention,
+    Bookmarks {
+        volume: Option<String>,
+    },
+    Retention {
+        volume: Option<String>,
+    },
     SetRetention {
+        volume: Option<String>,
         #[serde(default, rename = "max-age-s")]
         max_age_s: Option<u64>,
         #[serde(default, rename = "max-bytes")]
@@ -72,15 +87,16 @@ enum ApiRequest {
     },
 }
 
-/// Serves the API on `path` on a background thread.
-pub fn spawn(path: &Path, volume: ServedVolume) -> io::Result<()> {
+/// Serves the API for `volumes` on `path` on a background thread.
+pub fn spawn(path: &Path, volumes: Vec<ServedVolume>) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
+    let volumes = Arc::new(volumes);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let volume = volume.clone();
+            let volumes = volumes.clone();
             std::thread::spawn(move || {
-                if let Err(e) = serve_client(stream, &volume) {
+                if let Err(e) = serve_client(stream, &volumes) {
                     tracing::debug!(error = %e, "API client failed");
                 }
             });
@@ -89,7 +105,7 @@ pub fn spawn(path: &Path, volume: ServedVolume) -> io::Result<()> {
     Ok(())
 }
 
-fn serve_client(stream: UnixStream, volume: &ServedVolume) -> io::Result<()> {
+fn serve_client(stream: UnixStream, volumes: &[ServedVolume]) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -98,7 +114,7 @@ fn serve_client(stream: UnixStream, volume: &ServedVolume) -> io::Result<()> {
             return Ok(());
         }
         let answer = match serde_json::from_str::<ApiRequest>(&line) {
-            Ok(request) => match handle(request, volume) {
+            Ok(request) => match handle(request, volumes) {
                 Ok(value) => json!({ "return": value }),
                 Err(e) => json!({ "error": e }),
             },
@@ -108,39 +124,90 @@ fn serve_client(stream: UnixStream, volume: &ServedVolume) -> io::Result<()> {
     }
 }
 
-fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
+/// The volume a request names, or the only one when it names none.
+fn pick<'a>(volumes: &'a [ServedVolume], name: Option<&str>) -> Result<&'a ServedVolume, String> {
+    let names = || {
+        volumes
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (name, volumes) {
+        (Some(name), _) => volumes
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| format!("no volume named {name:?}; volumes: {}", names())),
+        (None, [only]) => Ok(only),
+        (None, _) => Err(format!(
+            "several volumes are served; name one with \"volume\": {}",
+            names()
+        )),
+    }
+}
+
+fn journaled<'a>(
+    volumes: &'a [ServedVolume],
+    name: Option<&str>,
+) -> Result<&'a JournaledVolume, String> {
+    let volume = pick(volumes, name)?;
+    volume
+        .journal
+        .as_deref()
+        .ok_or_else(|| format!("volume {} is served without a journal", volume.name))
+}
+
+fn handle(request: ApiRequest, volumes: &[ServedVolume]) -> Result<Value, String> {
     match request {
-        ApiRequest::Volumes => {
-            let mut entry = counters(volume);
-            entry["name"] = json!(volume.name);
-            entry["path"] = json!(volume.path.display().to_string());
-            entry["journal"] = json!(volume.journal.is_some());
-            if let Some(image) = &volume.image {
-                entry["point-in-time-seq"] = json!(image.seq());
+        ApiRequest::Volumes => Ok(volumes.iter().map(describe).collect()),
+        ApiRequest::Counters { volume } => Ok(counters(pick(volumes, volume.as_deref())?)),
+        ApiRequest::Bookmark { name, volume: None } if volumes.len() > 1 => {
+            // A bookmark across every journaled volume: one consistent point for the group.
+            let group: Vec<&ServedVolume> =
+                volumes.iter().filter(|v| v.journal.is_some()).collect();
+            if group.is_empty() {
+                return Err("no volume is served with a journal; bookmarks need one".into());
             }
-            if let Some(journal) = &volume.journal {
-                entry["writes"] = json!(journal.counters.writes.load(Ordering::Relaxed));
-                entry["bytes-written"] =
-                    json!(journal.counters.bytes_written.load(Ordering::Relaxed));
-                entry["flushes"] = json!(journal.counters.flushes.load(Ordering::Relaxed));
-            }
-            Ok(json!([entry]))
+            let journals: Vec<&JournaledVolume> =
+                group.iter().filter_map(|v| v.journal.as_deref()).collect();
+            let made = JournaledVolume::bookmark_group(&journals, &name)
+                .map_err(|e| format!("bookmark failed: {e}"))?;
+            let seqs: serde_json::Map<String, Value> = group
+                .iter()
+                .zip(&made)
+                .map(|(v, b)| (v.name.clone(), json!(b.seq)))
+                .collect();
+            Ok(json!({"name": name, "seqs": seqs}))
         }
-        ApiRequest::Counters => Ok(counters(volume)),
-        ApiRequest::Bookmark { name } => {
-            let journal = volume
-                .journal
-                .as_ref()
-                .ok_or("this volume is served without a journal; bookmarks need one")?;
+        ApiRequest::Bookmark { name, volume } => {
+            let journal = journaled(volumes, volume.as_deref())?;
             let bookmark = journal
                 .bookmark(&name)
                 .map_err(|e| format!("bookmark failed: {e}"))?;
             Ok(json!(bookmark))
         }
+        ApiRequest::Bookmarks { volume } => {
+            Ok(json!(journaled(volumes, volume.as_deref())?.bookmarks()))
+        }
+        ApiRequest::Retention { volume } => Ok(retention(journaled(volumes, volume.as_deref())?)),
+        ApiRequest::SetRetention {
+            volume,
+            max_age_s,
+            max_bytes,
+        } => {
+            let journal = journaled(volumes, volume.as_deref())?;
+            journal
+                .set_retention(Retention {
+                    max_age_s,
+                    max_bytes,
+                })
+                .map_err(|e| format!("cannot change the retention: {e}"))?;
+            Ok(retention(journal))
+        }
         ApiRequest::Retarget { at } => {
-            let image = volume
-                .image
-                .as_ref()
+            let image = volumes
+                .iter()
+                .find_map(|v| v.image.as_ref())
                 .ok_or("only an exposed point in time (pit expose) can be retargeted")?;
             let point: PointInTime = at.parse().map_err(|e: pit::PitError| e.to_string())?;
             // A sequence number needs no scan of the journal (the image checks it is not
@@ -152,38 +219,25 @@ fn handle(request: ApiRequest, volume: &ServedVolume) -> Result<Value, String> {
             let moved = image.retarget(seq).map_err(|e| e.to_string())?;
             Ok(json!(moved))
         }
-        ApiRequest::Retention => {
-            let journal = journaled(volume)?;
-            Ok(retention(journal))
-        }
-        ApiRequest::SetRetention {
-            max_age_s,
-            max_bytes,
-        } => {
-            let journal = journaled(volume)?;
-            journal
-                .set_retention(Retention {
-                    max_age_s,
-                    max_bytes,
-                })
-                .map_err(|e| format!("cannot change the retention: {e}"))?;
-            Ok(retention(journal))
-        }
-        ApiRequest::Bookmarks => {
-            let journal = volume
-                .journal
-                .as_ref()
-                .ok_or("this volume has no journal")?;
-            Ok(json!(journal.bookmarks()))
-        }
     }
 }
 
-fn journaled(volume: &ServedVolume) -> Result<&JournaledVolume, String> {
-    volume
-        .journal
-        .as_deref()
-        .ok_or_else(|| "this volume is served without a journal; retention needs one".into())
+/// A volume's entry in `volumes`: its counters, name, path and journal totals.
+fn describe(volume: &ServedVolume) -> Value {
+    let mut entry = counters(volume);
+    entry["name"] = json!(volume.name);
+    entry["path"] = json!(volume.path.display().to_string());
+    entry["journal"] = json!(volume.journal.is_some());
+    if let Some(image) = &volume.image {
+        entry["point-in-time-seq"] = json!(image.seq());
+    }
+    if let Some(journal) = &volume.journal {
+        entry["journal-dir"] = json!(journal.journal_dir().display().to_string());
+        entry["writes"] = json!(journal.counters.writes.load(Ordering::Relaxed));
+        entry["bytes-written"] = json!(journal.counters.bytes_written.load(Ordering::Relaxed));
+        entry["flushes"] = json!(journal.counters.flushes.load(Ordering::Relaxed));
+    }
+    entry
 }
 
 /// The retention in force and how far back history reaches.

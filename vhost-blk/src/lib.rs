@@ -7,6 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
+pub mod config;
 pub mod counters;
 pub mod device;
 pub mod image_access;

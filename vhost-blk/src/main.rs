@@ -1,11 +1,12 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use sealvm_blk::api::{self, ServedVolume};
+use sealvm_blk::config::ServeConfig;
 use sealvm_blk::device::BlockDevice;
 use sealvm_blk::image_access::PointInTimeImage;
 use sealvm_blk::journal;
 use sealvm_blk::pit::{self, PointInTime};
-use sealvm_blk::volume::{JournalOptions, JournaledVolume};
+use sealvm_blk::volume::JournaledVolume;
 use sealvm_virtio_blk::{BlockBackend, RawFile};
 use serde_json::json;
 use std::path::PathBuf;
@@ -38,7 +39,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a volume on a vhost-user socket until interrupted.
+    /// Serve volumes, each on its own vhost-user socket, until interrupted.
+    ///
+    /// Several volumes: repeat --volume, and give each a socket with socket= or a --socket
+    /// (matched in order). Or describe them in a TOML file with --config.
+    #[command(verbatim_doc_comment)]
     Serve {
         /// NAME=PATH[,journal=DIR][,readonly][,write-through][,retain=AGE][,retain-bytes=SIZE]
         /// [,segment-size=SIZE]: the raw image to serve. With a journal every write is
@@ -46,15 +51,20 @@ enum Command {
         /// (512M, 10G) bound how far back points in time reach (default: no limit), and
         /// history older than that is folded away a segment (segment-size=, default 64M) at
         /// a time.
+        /// Also: socket=PATH (instead of a --socket) and queues=N.
+        #[arg(long, required_unless_present = "config")]
+        volume: Vec<String>,
+        /// The vhost-user socket of each --volume without socket=, in order.
         #[arg(long)]
-        volume: String,
-        /// The vhost-user socket to listen on.
-        #[arg(long)]
-        socket: PathBuf,
-        /// A unix socket for the JSON API (bookmarks, counters).
+        socket: Vec<PathBuf>,
+        /// A TOML file listing the volumes ([[volume]] tables with name, path, socket and
+        /// the --volume options as keys; see vhost-blk/src/config.rs).
+        #[arg(long, conflicts_with_all = ["volume", "socket"])]
+        config: Option<PathBuf>,
+        /// A unix socket for the JSON API of every volume (bookmarks, counters, retention).
         #[arg(long)]
         api_socket: Option<PathBuf>,
-        /// Request queues (one worker thread each).
+        /// Request queues per volume (one worker thread each), unless queues= says otherwise.
         #[arg(long, default_value_t = 1)]
         queues: usize,
     },
@@ -128,88 +138,6 @@ enum PitCommand {
     },
 }
 
-struct VolumeSpec {
-    name: String,
-    path: PathBuf,
-    journal: Option<PathBuf>,
-    read_only: bool,
-    options: JournalOptions,
-}
-
-/// `30s`, `15m`, `24h`, `7d` or plain seconds.
-fn parse_age(text: &str) -> Option<u64> {
-    let (number, unit) = match text.char_indices().last()? {
-        (i, 's') => (&text[..i], 1),
-        (i, 'm') => (&text[..i], 60),
-        (i, 'h') => (&text[..i], 3600),
-        (i, 'd') => (&text[..i], 86400),
-        _ => (text, 1),
-    };
-    number.parse::<u64>().ok()?.checked_mul(unit)
-}
-
-/// `4096`, `64K`, `512M`, `10G` (powers of 1024).
-fn parse_size(text: &str) -> Option<u64> {
-    let (number, unit) = match text.char_indices().last()? {
-        (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
-        (i, 'M') => (&text[..i], 1 << 20),
-        (i, 'G') => (&text[..i], 1 << 30),
-        (i, 'T') => (&text[..i], 1 << 40),
-        _ => (text, 1),
-    };
-    number.parse::<u64>().ok()?.checked_mul(unit)
-}
-
-fn parse_volume(spec: &str) -> anyhow::Result<VolumeSpec> {
-    let mut parts = spec.split(',');
-    let first = parts.next().unwrap_or_default();
-    let Some((name, path)) = first.split_once('=') else {
-        bail!(
-            "--volume {spec:?}: expected NAME=PATH[,journal=DIR][,readonly][,write-through]\
-             [,retain=AGE][,retain-bytes=SIZE][,segment-size=SIZE]"
-        );
-    };
-    let mut volume = VolumeSpec {
-        name: name.into(),
-        path: path.into(),
-        journal: None,
-        read_only: false,
-        options: JournalOptions::default(),
-    };
-    let mut retention = false;
-    for option in parts {
-        let bad = |what: &str| anyhow::anyhow!("--volume {spec:?}: {option:?} is not {what}");
-        match option.split_once('=') {
-            Some(("journal", dir)) => volume.journal = Some(dir.into()),
-            Some(("retain", age)) => {
-                volume.options.retention.max_age_s =
-                    Some(parse_age(age).ok_or_else(|| bad("an age like 30m, 24h or 7d"))?);
-                retention = true;
-            }
-            Some(("retain-bytes", size)) => {
-                volume.options.retention.max_bytes =
-                    Some(parse_size(size).ok_or_else(|| bad("a size like 512M or 10G"))?);
-                retention = true;
-            }
-            Some(("segment-size", size)) => {
-                volume.options.segment_bytes =
-                    parse_size(size).ok_or_else(|| bad("a size like 64M"))?;
-                retention = true;
-            }
-            None if option == "readonly" => volume.read_only = true,
-            None if option == "write-through" => volume.options.write_through = true,
-            _ => bail!("--volume {spec:?}: unknown option {option:?}"),
-        }
-    }
-    if retention && volume.journal.is_none() {
-        bail!("--volume {spec:?}: retain=, retain-bytes= and segment-size= need journal=DIR");
-    }
-    if volume.name.is_empty() || volume.path.as_os_str().is_empty() {
-        bail!("--volume {spec:?}: NAME and PATH must not be empty");
-    }
-    Ok(volume)
-}
-
 fn main() {
     let cli = Cli::parse();
     let level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
@@ -236,9 +164,26 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve {
             volume,
             socket,
+            config: Some(file),
+            api_socket,
+            ..
+        } => {
+            debug_assert!(volume.is_empty() && socket.is_empty());
+            let mut config = sealvm_blk::config::from_file(&file)?;
+            if api_socket.is_some() {
+                config.api_socket = api_socket;
+            }
+            serve(config)
+        }
+        Command::Serve {
+            volume,
+            socket,
+            config: None,
             api_socket,
             queues,
-        } => serve(parse_volume(&volume)?, socket, api_socket, queues),
+        } => serve(sealvm_blk::config::from_args(
+            &volume, &socket, api_socket, queues,
+        )?),
         Command::Bookmark {
             api_socket,
             agent_socket,
@@ -261,13 +206,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(api_socket) = &api_socket {
                     api::spawn(
                         api_socket,
-                        ServedVolume {
+                        vec![ServedVolume {
                             name: "point-in-time".into(),
                             path: base.clone(),
                             device: device.clone(),
                             journal: None,
                             image: Some(image),
-                        },
+                        }],
                     )
                     .with_context(|| {
                         format!("cannot listen on the API socket {}", api_socket.display())
@@ -311,52 +256,68 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn serve(
-    spec: VolumeSpec,
-    socket: PathBuf,
-    api_socket: Option<PathBuf>,
-    queues: usize,
-) -> anyhow::Result<()> {
-    if !(1..=16).contains(&queues) {
-        bail!("--queues must be 1 to 16");
-    }
-    let (backend, journal): (Arc<dyn BlockBackend>, Option<Arc<JournaledVolume>>) =
-        match &spec.journal {
-            Some(dir) => {
-                if spec.read_only {
-                    bail!("a journaled volume cannot be read-only; drop journal= or readonly");
+fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let mut served = Vec::new();
+    for volume in &config.volumes {
+        let (backend, journal): (Arc<dyn BlockBackend>, Option<Arc<JournaledVolume>>) =
+            match &volume.journal {
+                Some(dir) => {
+                    let (journaled, opened) =
+                        JournaledVolume::open_with(&volume.path, dir, volume.options)
+                            .with_context(|| format!("volume {}", volume.name))?;
+                    let retention = volume.options.retention;
+                    tracing::info!(
+                        volume = %volume.name,
+                        records = opened.records,
+                        dropped_bytes = opened.dropped_bytes,
+                        journal = %dir.display(),
+                        retain_s = retention.max_age_s,
+                        retain_bytes = retention.max_bytes,
+                        "journal replayed"
+                    );
+                    let journaled = Arc::new(journaled);
+                    journaled.start_folder(Duration::from_secs(1));
+                    (journaled.clone(), Some(journaled))
                 }
-                let (volume, opened) = JournaledVolume::open_with(&spec.path, dir, spec.options)?;
-                let retention = spec.options.retention;
-                tracing::info!(
-                    records = opened.records,
-                    dropped_bytes = opened.dropped_bytes,
-                    journal = %dir.display(),
-                    retain_s = retention.max_age_s,
-                    retain_bytes = retention.max_bytes,
-                    "journal replayed"
-                );
-                let volume = Arc::new(volume);
-                volume.start_folder(Duration::from_secs(1));
-                (volume.clone(), Some(volume))
-            }
-            None => (Arc::new(RawFile::open(&spec.path, spec.read_only)?), None),
-        };
-    let device = Arc::new(BlockDevice::new(backend, spec.read_only, queues));
-    if let Some(api_socket) = &api_socket {
-        api::spawn(
-            api_socket,
-            ServedVolume {
-                name: spec.name.clone(),
-                path: spec.path.clone(),
-                device: device.clone(),
-                journal,
-                image: None,
-            },
-        )
-        .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
+                None => (
+                    Arc::new(
+                        RawFile::open(&volume.path, volume.read_only)
+                            .with_context(|| format!("volume {}", volume.name))?,
+                    ),
+                    None,
+                ),
+            };
+        served.push(ServedVolume {
+            name: volume.name.clone(),
+            path: volume.path.clone(),
+            device: Arc::new(BlockDevice::new(backend, volume.read_only, volume.queues)),
+            journal,
+            image: None,
+        });
     }
-    serve_device(&spec.name, device, &socket)
+    if let Some(api_socket) = &config.api_socket {
+        api::spawn(api_socket, served.clone())
+            .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
+    }
+    // One thread per volume; the first that fails ends the process with its error.
+    let (failed, failure) = std::sync::mpsc::channel();
+    for (volume, config) in served.into_iter().zip(&config.volumes) {
+        let failed = failed.clone();
+        let socket = config.socket.clone();
+        std::thread::Builder::new()
+            .name(format!("serve-{}", volume.name))
+            .spawn(move || {
+                let result = serve_device(&volume.name, volume.device, &socket)
+                    .with_context(|| format!("volume {}", volume.name));
+                let _ = failed.send(result);
+            })
+            .context("cannot start a volume's thread")?;
+    }
+    drop(failed);
+    match failure.recv() {
+        Ok(result) => result,
+        Err(_) => bail!("every volume stopped"),
+    }
 }
 
 /// Serves `device` on `socket`, one frontend at a time, forever.
