@@ -5,8 +5,10 @@
 //! `{"command": "bookmark", "name": NAME}`, `{"command": "bookmarks"}`,
 //! `{"command": "retention"}` (the limits in force and how far history reaches) and
 //! `{"command": "set-retention", "max-age-s": N, "max-bytes": N}` (either may be absent or
-//! null: no limit; older history is folded away at once, in the background), and for an
-//! exposed point in time `{"command": "retarget", "at": POINT}`. Answers:
+//! null: no limit; older history is folded away at once, in the background),
+//! `{"command": "points"}` (what `pit list --json` shows) and
+//! `{"command": "restore", "at": POINT, "to": FILE}` (answers when the file is complete),
+//! and for an exposed point in time `{"command": "retarget", "at": POINT}`. Answers:
 //! `{"return": VALUE}` or `{"error": TEXT}`.
 //!
 //! Every command but `volumes` and `retarget` takes `"volume": NAME`, which may be left out
@@ -81,6 +83,14 @@ enum ApiRequest {
         max_age_s: Option<u64>,
         #[serde(default, rename = "max-bytes")]
         max_bytes: Option<u64>,
+    },
+    Points {
+        volume: Option<String>,
+    },
+    Restore {
+        volume: Option<String>,
+        at: String,
+        to: PathBuf,
     },
     Retarget {
         at: String,
@@ -203,6 +213,32 @@ fn handle(request: ApiRequest, volumes: &[ServedVolume]) -> Result<Value, String
                 })
                 .map_err(|e| format!("cannot change the retention: {e}"))?;
             Ok(retention(journal))
+        }
+        ApiRequest::Points { volume } => {
+            let journal = journaled(volumes, volume.as_deref())?;
+            Ok(json!(
+                pit::points(journal.journal_dir()).map_err(|e| e.to_string())?
+            ))
+        }
+        ApiRequest::Restore { volume, at, to } => {
+            let served = pick(volumes, volume.as_deref())?;
+            let journal = journaled(volumes, volume.as_deref())?;
+            if to.exists() {
+                return Err(format!(
+                    "{} exists; restore writes a new file",
+                    to.display()
+                ));
+            }
+            let point: PointInTime = at.parse().map_err(|e: pit::PitError| e.to_string())?;
+            let started = std::time::Instant::now();
+            let seq = pit::resolve(journal.journal_dir(), &point).map_err(|e| e.to_string())?;
+            pit::restore(&served.path, journal.journal_dir(), seq, &to, |_, _| {})
+                .map_err(|e| e.to_string())?;
+            Ok(json!({
+                "seq": seq,
+                "to": to.display().to_string(),
+                "seconds": started.elapsed().as_secs_f64(),
+            }))
         }
         ApiRequest::Retarget { at } => {
             let image = volumes

@@ -4,7 +4,6 @@ use sealvm_blk::api::{self, ServedVolume};
 use sealvm_blk::config::ServeConfig;
 use sealvm_blk::device::BlockDevice;
 use sealvm_blk::image_access::PointInTimeImage;
-use sealvm_blk::journal;
 use sealvm_blk::pit::{self, PointInTime};
 use sealvm_blk::volume::JournaledVolume;
 use sealvm_virtio_blk::{BlockBackend, RawFile};
@@ -404,64 +403,31 @@ fn bookmark(
 }
 
 fn pit_list(journal_dir: &std::path::Path, as_json: bool) -> anyhow::Result<()> {
-    if !journal_dir.is_dir() {
-        bail!("{} is not a journal directory", journal_dir.display());
-    }
-    // Hold the history so the server folds nothing away while we read it.
-    let _hold = journal::hold_history(journal_dir)?;
-    let base_seq = journal::read_state(journal_dir)?.base_seq;
-    let mut bookmarks = Vec::new();
-    let mut oldest_time_ns = None;
-    let summary = journal::scan(journal_dir, |header, _, payload| {
-        if header.seq > base_seq {
-            oldest_time_ns.get_or_insert(header.time_ns);
-            if header.kind == journal::format::RecordKind::Bookmark {
-                bookmarks.push(journal::Bookmark {
-                    name: String::from_utf8_lossy(payload).into_owned(),
-                    seq: header.seq,
-                    time_ns: header.time_ns,
-                });
-            }
-        }
-        true
-    })?;
-    let last_seq = summary.last_seq.max(base_seq);
-    let segments = journal::segments(journal_dir)?.len();
+    let points = pit::points(journal_dir)?;
     if as_json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(());
+    }
+    let span = points.oldest_time_ns.map_or(0.0, |t| {
+        points.newest_time_ns.saturating_sub(t) as f64 / 1e9
+    });
+    println!(
+        "points in time: seq {}..{} ({} records, {span:.3} s of history, {} bytes in {} segments)",
+        points.oldest_seq, points.last_seq, points.records, points.journal_bytes, points.segments,
+    );
+    if points.folded_through_seq > 0 {
         println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "records": last_seq - base_seq,
-                "oldest-seq": base_seq,
-                "last-seq": last_seq,
-                "folded-through-seq": base_seq,
-                "oldest-time-ns": oldest_time_ns,
-                "newest-time-ns": summary.last_time_ns,
-                "segments": segments,
-                "journal-bytes": summary.bytes,
-                "torn-tail-bytes": summary.dropped_len,
-                "bookmarks": bookmarks,
-            }))?
+            "history up to seq {} is folded into the base (retention)",
+            points.folded_through_seq
         );
-    } else {
-        let span =
-            oldest_time_ns.map_or(0.0, |t| summary.last_time_ns.saturating_sub(t) as f64 / 1e9);
+    }
+    for b in points.bookmarks {
         println!(
-            "points in time: seq {base_seq}..{last_seq} ({} records, {span:.3} s of history, {} bytes in {segments} segments)",
-            last_seq - base_seq,
-            summary.bytes,
+            "bookmark {:<24} seq {:>10}  @{:.3}",
+            b.name,
+            b.seq,
+            b.time_ns as f64 / 1e9
         );
-        if base_seq > 0 {
-            println!("history up to seq {base_seq} is folded into the base (retention)");
-        }
-        for b in bookmarks {
-            println!(
-                "bookmark {:<24} seq {:>10}  @{:.3}",
-                b.name,
-                b.seq,
-                b.time_ns as f64 / 1e9
-            );
-        }
     }
     Ok(())
 }

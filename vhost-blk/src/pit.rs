@@ -51,6 +51,9 @@ impl std::str::FromStr for PointInTime {
 /// Errors finding or restoring a point in time.
 #[derive(Debug, thiserror::Error)]
 pub enum PitError {
+    /// The directory is not a journal.
+    #[error("{0} is not a journal directory")]
+    NotAJournal(PathBuf),
     /// `--at` could not be understood.
     #[error("{0:?} is not a point in time (use latest, a sequence number, @UNIX_SECONDS or a bookmark name)")]
     BadPoint(String),
@@ -97,6 +100,69 @@ pub enum PitError {
         #[source]
         source: io::Error,
     },
+}
+
+/// How far back a journal reaches: what `pit list` and the API's `points` show.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Points {
+    /// The oldest point in time (history before it is folded into the base).
+    pub oldest_seq: u64,
+    /// The newest point in time.
+    pub last_seq: u64,
+    /// Records between the two.
+    pub records: u64,
+    /// History up to here is folded into the base (0: nothing folded).
+    pub folded_through_seq: u64,
+    /// Time of the oldest record within reach, if any.
+    pub oldest_time_ns: Option<u64>,
+    /// Time of the newest record.
+    pub newest_time_ns: u64,
+    /// Segment files.
+    pub segments: usize,
+    /// Bytes of valid records.
+    pub journal_bytes: u64,
+    /// Bytes of a torn last record (cut off when the volume is next served).
+    pub torn_tail_bytes: u64,
+    /// Bookmarks within reach, oldest first.
+    pub bookmarks: Vec<journal::Bookmark>,
+}
+
+/// Reads how far back the journal in `journal_dir` reaches, holding its history meanwhile.
+pub fn points(journal_dir: &Path) -> Result<Points, PitError> {
+    if !journal_dir.is_dir() {
+        return Err(PitError::NotAJournal(journal_dir.to_path_buf()));
+    }
+    let _hold = journal::hold_history(journal_dir)?;
+    let base_seq = journal::read_state(journal_dir)?.base_seq;
+    let mut bookmarks = Vec::new();
+    let mut oldest_time_ns = None;
+    let summary = journal::scan(journal_dir, |header, _, payload| {
+        if header.seq > base_seq {
+            oldest_time_ns.get_or_insert(header.time_ns);
+            if header.kind == RecordKind::Bookmark {
+                bookmarks.push(journal::Bookmark {
+                    name: String::from_utf8_lossy(payload).into_owned(),
+                    seq: header.seq,
+                    time_ns: header.time_ns,
+                });
+            }
+        }
+        true
+    })?;
+    let last_seq = summary.last_seq.max(base_seq);
+    Ok(Points {
+        oldest_seq: base_seq,
+        last_seq,
+        records: last_seq - base_seq,
+        folded_through_seq: base_seq,
+        oldest_time_ns,
+        newest_time_ns: summary.last_time_ns,
+        segments: journal::segments(journal_dir)?.len(),
+        journal_bytes: summary.bytes,
+        torn_tail_bytes: summary.dropped_len,
+        bookmarks,
+    })
 }
 
 /// Resolves `point` to the last sequence number it includes. A point older than the folded

@@ -153,6 +153,23 @@ fn retention_folds_history_in_the_background_and_later_points_stay_exact() {
         std::fs::read(&restored).unwrap() == at_bookmark,
         "restore at the bookmark differs"
     );
+    // The API answers the same for the served volume.
+    let points = api(&daemon, json!({"command": "points"}));
+    assert_eq!(
+        points["folded-through-seq"], list["folded-through-seq"],
+        "{points}"
+    );
+    assert_eq!(points["bookmarks"], list["bookmarks"], "{points}");
+    let via_api = dir.path().join("late-api.raw");
+    let answer = api(
+        &daemon,
+        json!({"command": "restore", "at": "late", "to": via_api}),
+    );
+    assert_eq!(answer["seq"], bookmark["seq"], "{answer}");
+    assert!(
+        std::fs::read(&via_api).unwrap() == at_bookmark,
+        "API restore differs"
+    );
     let out = pit(&[
         "restore",
         "--base",
