@@ -8,8 +8,8 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `SVJR` |
 //! | 4 | 2 | format version (1), little-endian |
-//! | 6 | 2 | kind: 1 write, 2 bookmark |
-//! | 8 | 8 | seq: sequence number, strictly increasing by one per record |
+//! | 6 | 2 | kind: 1 write, 2 bookmark, 3 sync point |
+//! | 8 | 8 | seq: sequence number, increasing by one per write or bookmark; a sync point repeats the seq of the record before it |
 //! | 16 | 8 | time: wall clock, nanoseconds since the Unix epoch |
 //! | 24 | 8 | offset: byte offset in the volume (writes; 0 for bookmarks) |
 //! | 32 | 4 | length of the payload in bytes |
@@ -18,7 +18,9 @@
 //! | 44 | 4 | reserved, zero |
 //!
 //! A write's payload is the data written (a multiple of 512 bytes); a bookmark's is its name
-//! in UTF-8. A record whose magic, version, CRC or length does not check out ends the
+//! in UTF-8; a sync point's is 8 bytes, little-endian: the byte offset in its segment up to
+//! which an fdatasync had completed when it was written (so everything before that offset
+//! had been durable; the sync point itself is not synced). A record whose magic, version, CRC or length does not check out ends the
 //! journal. If it is the last record (nothing valid follows), it is a torn tail from a
 //! crash and is dropped on open; if valid records follow, the journal is damaged and is
 //! refused (see `journal::scan`).
@@ -39,6 +41,8 @@ pub enum RecordKind {
     Write,
     /// A named point in the journal.
     Bookmark,
+    /// Where the segment was known durable: written after an fdatasync completed.
+    Sync,
 }
 
 impl RecordKind {
@@ -46,6 +50,7 @@ impl RecordKind {
         match self {
             RecordKind::Write => 1,
             RecordKind::Bookmark => 2,
+            RecordKind::Sync => 3,
         }
     }
 
@@ -53,6 +58,7 @@ impl RecordKind {
         match code {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Bookmark),
+            3 => Some(RecordKind::Sync),
             _ => None,
         }
     }
@@ -125,7 +131,10 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, FormatError> {
     }
     let kind = RecordKind::from_code(u16_at(6)).ok_or(FormatError::BadHeader)?;
     let len = u32_at(32);
-    if len > MAX_PAYLOAD || (kind == RecordKind::Write && len % 512 != 0) {
+    if len > MAX_PAYLOAD
+        || (kind == RecordKind::Write && len % 512 != 0)
+        || (kind == RecordKind::Sync && len != 8)
+    {
         return Err(FormatError::BadHeader);
     }
     Ok(RecordHeader {
@@ -136,6 +145,20 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, FormatError> {
         len,
         crc: u32_at(40),
     })
+}
+
+/// Whether a record with `header` may follow the record with seq `last_seq`: the next seq,
+/// or for a sync point the same one.
+pub fn continues(header: &RecordHeader, last_seq: u64) -> bool {
+    header.seq == last_seq + 1 || (header.kind == RecordKind::Sync && header.seq == last_seq)
+}
+
+/// The durable offset a sync point's payload names, `None` for other records.
+pub fn sync_point(header: &RecordHeader, payload: &[u8]) -> Option<u64> {
+    if header.kind != RecordKind::Sync {
+        return None;
+    }
+    Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
 }
 
 /// Checks `payload` against the CRC in the header bytes `header`.

@@ -117,7 +117,10 @@ pub struct ScanSummary {
     pub valid_len: u64,
     /// Bytes after the valid records of the last segment (a torn tail), dropped on open.
     pub dropped_len: u64,
-    /// Records read.
+    /// The dropped bytes include valid records after a hole that no sync point covers:
+    /// unflushed writes a power loss left out of order.
+    pub unflushed_after_hole: bool,
+    /// Write and bookmark records read (sync points are not counted).
     pub records: u64,
     /// Sequence number of the first record read (0 when there is none).
     pub first_seq: u64,
@@ -326,6 +329,7 @@ pub fn scan_from(
         summary.bytes += part.valid_len - offset;
         summary.valid_len = part.valid_len;
         summary.dropped_len = part.dropped_len;
+        summary.unflushed_after_hole = part.unflushed_after_hole;
         cursor = Cursor {
             at: Location {
                 segment: *first,
@@ -392,7 +396,7 @@ fn scan_segment(
         let Ok(header) = format::decode_header(&header_bytes) else {
             break;
         };
-        if header.seq != summary.last_seq + 1 {
+        if !format::continues(&header, summary.last_seq) {
             break;
         }
         let padded = format::record_len(header.len) - HEADER_LEN as u64;
@@ -404,13 +408,15 @@ fn scan_segment(
         if format::verify(&header_bytes, &header, data).is_err() {
             break;
         }
-        if summary.records == 0 {
-            summary.first_seq = header.seq;
-            summary.first_time_ns = header.time_ns;
+        if header.kind != RecordKind::Sync {
+            if summary.records == 0 {
+                summary.first_seq = header.seq;
+                summary.first_time_ns = header.time_ns;
+            }
+            summary.records += 1;
+            summary.last_seq = header.seq;
+            summary.last_time_ns = header.time_ns;
         }
-        summary.records += 1;
-        summary.last_seq = header.seq;
-        summary.last_time_ns = header.time_ns;
         let keep_going = visit(&header, at, data);
         at += format::record_len(header.len);
         summary.valid_len = at;
@@ -423,16 +429,25 @@ fn scan_segment(
     {
         // A live server may have completed the record we saw half-written and appended
         // more since: then the record is valid now, and we simply stop where we read.
-        if record_is_valid(&positioned, summary.valid_len, summary.last_seq + 1)
+        let completed = record_at(&positioned, summary.valid_len)
             .map_err(io_err)?
-            .is_none()
-        {
-            return Err(JournalError::Corrupt {
-                path: path.to_path_buf(),
-                offset: summary.valid_len,
-                seq: summary.last_seq + 1,
-                next_valid,
-            });
+            .is_some_and(|(header, _)| format::continues(&header, summary.last_seq));
+        if !completed {
+            // Valid records after a hole. If a sync point after the hole says the hole's
+            // bytes had been made durable, they were damaged afterwards: refuse. If not,
+            // the hole and what follows were never flushed, and a power loss wrote a later
+            // page before an earlier one: cut there, like a torn tail.
+            let durable =
+                durable_point_after(&positioned, next_valid, summary.last_seq).map_err(io_err)?;
+            if durable > summary.valid_len {
+                return Err(JournalError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset: summary.valid_len,
+                    seq: summary.last_seq + 1,
+                    next_valid,
+                });
+            }
+            summary.unflushed_after_hole = true;
         }
     }
     // A live server may append while we read, so the file can outgrow `total`.
@@ -440,8 +455,8 @@ fn scan_segment(
     Ok(summary)
 }
 
-/// The record at `at` if it is complete, checks out and has sequence number `seq`.
-fn record_is_valid(file: &File, at: u64, seq: u64) -> io::Result<Option<RecordHeader>> {
+/// The record at `at` and its payload, if it is complete and checks out.
+fn record_at(file: &File, at: u64) -> io::Result<Option<(RecordHeader, Vec<u8>)>> {
     let mut header_bytes = [0u8; HEADER_LEN];
     if read_full_at(file, &mut header_bytes, at)? < HEADER_LEN {
         return Ok(None);
@@ -449,16 +464,36 @@ fn record_is_valid(file: &File, at: u64, seq: u64) -> io::Result<Option<RecordHe
     let Ok(header) = format::decode_header(&header_bytes) else {
         return Ok(None);
     };
-    if header.seq != seq {
-        return Ok(None);
-    }
     let mut payload = vec![0u8; header.len as usize];
     if read_full_at(file, &mut payload, at + HEADER_LEN as u64)? < payload.len() {
         return Ok(None);
     }
     Ok(format::verify(&header_bytes, &header, &payload)
         .is_ok()
-        .then_some(header))
+        .then_some((header, payload)))
+}
+
+/// The furthest durable offset any sync point from `from` on claims, following valid
+/// records (and hopping over further damage) to the end of the segment; 0 if none does.
+fn durable_point_after(file: &File, from: u64, last_seq: u64) -> io::Result<u64> {
+    let mut durable = 0;
+    let mut at = from;
+    let mut seq = last_seq;
+    loop {
+        match record_at(file, at)? {
+            Some((header, payload)) if header.seq > seq || format::continues(&header, seq) => {
+                if let Some(point) = format::sync_point(&header, &payload) {
+                    durable = durable.max(point);
+                }
+                seq = header.seq;
+                at += format::record_len(header.len);
+            }
+            _ => match valid_record_after(file, at, seq)? {
+                Some(next) => at = next,
+                None => return Ok(durable),
+            },
+        }
+    }
 }
 
 /// The offset of the first valid record after the damaged one at `damaged`, if any: a
@@ -479,7 +514,7 @@ fn valid_record_after(file: &File, damaged: u64, last_seq: u64) -> io::Result<Op
                 continue;
             };
             let at = start + i as u64;
-            if header.seq > last_seq && record_is_valid(file, at, header.seq)?.is_some() {
+            if header.seq > last_seq && record_at(file, at)?.is_some() {
                 return Ok(Some(at));
             }
         }

@@ -138,6 +138,9 @@ struct Segment {
     last_time_ns: u64,
     /// Bytes of valid records: where the next record goes.
     bytes: u64,
+    /// Where the segment stood after its last sync point: a flush with nothing new since
+    /// writes none.
+    synced_to: u64,
     path: PathBuf,
     file: Arc<File>,
 }
@@ -322,6 +325,7 @@ impl JournaledVolume {
                 first_time_ns: 0,
                 last_time_ns: 0,
                 bytes: 0,
+                synced_to: 0,
                 path: path.clone(),
                 file: Arc::new(file),
             });
@@ -355,17 +359,26 @@ impl JournaledVolume {
                         time_ns: header.time_ns,
                     })
                 }
-                RecordKind::Bookmark => {}
+                RecordKind::Bookmark | RecordKind::Sync => {}
             }
             true
         })?;
         let active = segments.back().expect("at least one segment was listed");
-        if summary.dropped_len > 0 {
+        if summary.unflushed_after_hole {
+            tracing::warn!(
+                segment = %active.path.display(),
+                dropped_bytes = summary.dropped_len,
+                "journal has a hole followed by records no flush had made durable (a power \
+                 loss); cutting it there, as a disk's volatile cache would lose them"
+            );
+        } else if summary.dropped_len > 0 {
             tracing::warn!(
                 segment = %active.path.display(),
                 dropped_bytes = summary.dropped_len,
                 "journal ends in a torn or corrupt record; cutting it off"
             );
+        }
+        if summary.dropped_len > 0 {
             active.file.set_len(active.bytes).map_err(journal_err)?;
             active.file.sync_all().map_err(journal_err)?;
         }
@@ -434,10 +447,16 @@ impl JournaledVolume {
     ) -> io::Result<u64> {
         let len = format::record_len(payload.len() as u32);
         let active = state.active();
-        if !active.is_empty() && active.bytes + len > self.segment_bytes {
+        // A sync point names an offset in its own segment, so it never starts a new one.
+        if kind != RecordKind::Sync && !active.is_empty() && active.bytes + len > self.segment_bytes
+        {
             self.rotate(state)?;
         }
-        let seq = state.next_seq;
+        let seq = if kind == RecordKind::Sync {
+            state.next_seq - 1
+        } else {
+            state.next_seq
+        };
         let time_ns = journal::now_ns();
         let record = format::encode(kind, seq, time_ns, offset, payload);
         let ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
@@ -459,8 +478,44 @@ impl JournaledVolume {
                     .insert(first + i, pack(ordinal, data + i * SECTOR));
             }
         }
-        state.next_seq += 1;
+        if kind != RecordKind::Sync {
+            state.next_seq += 1;
+        }
         Ok(seq)
+    }
+
+    /// Records that segment `ordinal` was durable up to `end` (an fdatasync that started
+    /// when it ended there has completed), unless a sync point already says as much. On
+    /// open, such a point tells damage to durable records (refused) from a power loss's
+    /// hole among unflushed ones (cut).
+    fn record_sync_point(&self, state: &mut State, ordinal: u32, end: u64) -> io::Result<()> {
+        let active_ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
+        // A segment closed since was synced whole when it was closed.
+        if ordinal != active_ordinal || end <= state.active().synced_to {
+            return Ok(());
+        }
+        self.append(state, RecordKind::Sync, 0, &end.to_le_bytes())?;
+        let active = state.segments.back_mut().expect("an active segment");
+        active.synced_to = active.bytes;
+        Ok(())
+    }
+
+    /// The active segment's file, ordinal and end, for a sync outside the lock.
+    fn active_position(&self) -> io::Result<(Arc<File>, u32, u64)> {
+        let state = self.read_state()?;
+        let ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
+        let active = state.active();
+        Ok((active.file.clone(), ordinal, active.bytes))
+    }
+
+    /// fdatasyncs the active segment and records the sync point.
+    fn sync_and_record(&self) -> io::Result<()> {
+        let (file, ordinal, end) = self.active_position()?;
+        // Synced outside the lock so the guest's writes keep going meanwhile; if the segment
+        // is closed in between, closing it synced it.
+        self.sync_file(&file)?;
+        let mut state = self.write_state()?;
+        self.record_sync_point(&mut state, ordinal, end)
     }
 
     /// Closes the active segment (fdatasync'ed, so only the last segment can ever end in a
@@ -482,6 +537,7 @@ impl JournaledVolume {
             first_time_ns: 0,
             last_time_ns: 0,
             bytes: 0,
+            synced_to: 0,
             path,
             file: Arc::new(file),
         });
@@ -502,6 +558,9 @@ impl JournaledVolume {
         let seq = self.append(&mut state, RecordKind::Bookmark, 0, name.as_bytes())?;
         let time_ns = state.active().last_time_ns;
         self.sync(&state)?;
+        let ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
+        let end = state.active().bytes;
+        self.record_sync_point(&mut state, ordinal, end)?;
         let bookmark = Bookmark {
             name: name.into(),
             seq,
@@ -540,13 +599,13 @@ impl JournaledVolume {
                 time_ns: state.active().last_time_ns,
             };
             state.bookmarks.push(bookmark.clone());
-            made[*i] = Some((bookmark, state.active().file.clone()));
+            made[*i] = Some(bookmark);
         }
         drop(guards);
         let mut bookmarks = Vec::new();
         for (volume, made) in volumes.iter().zip(made) {
-            let (bookmark, file) = made.expect("every volume got a bookmark");
-            volume.sync_file(&file)?;
+            let bookmark = made.expect("every volume got a bookmark");
+            volume.sync_and_record()?;
             bookmarks.push(bookmark);
         }
         Ok(bookmarks)
@@ -630,10 +689,9 @@ impl BlockBackend for JournaledVolume {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let mut state = self.write_state()?;
         self.append(&mut state, RecordKind::Write, offset, buf)?;
-        let active = state.active().file.clone();
         drop(state);
         if self.write_through {
-            self.sync_file(&active)?;
+            self.sync_and_record()?;
         }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -646,10 +704,7 @@ impl BlockBackend for JournaledVolume {
         // Every write acknowledged before this flush is already in a segment file, and every
         // segment but the active one was fdatasync'ed when it was closed.
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        let active = self.read_state()?.active().file.clone();
-        // Synced outside the lock so the guest's writes keep going meanwhile; if the segment
-        // is closed in between, closing it synced it.
-        self.sync_file(&active)
+        self.sync_and_record()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -734,13 +789,16 @@ mod tests {
         assert_eq!(volume.journal_position().1, 4);
     }
 
-    /// Writes three one-sector records (seq 1..=3) and returns the segment's path.
-    fn three_records(base_path: &Path, journal: &Path) -> PathBuf {
+    /// Writes three one-sector records (seq 1..=3), flushed (then a sync point follows) or
+    /// not, and returns the segment's path.
+    fn three_records(base_path: &Path, journal: &Path, flush: bool) -> PathBuf {
         let (volume, _) = JournaledVolume::open(base_path, journal, false).unwrap();
         for i in 0..3u8 {
             volume.write_at(u64::from(i) * 512, &[i + 1; 512]).unwrap();
         }
-        volume.flush().unwrap();
+        if flush {
+            volume.flush().unwrap();
+        }
         journal::segment_path(journal, 1)
     }
 
@@ -749,7 +807,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base_path = base(dir.path(), 16);
         let journal = dir.path().join("j");
-        let segment = three_records(&base_path, &journal);
+        let segment = three_records(&base_path, &journal, false);
         let mut bytes = std::fs::read(&segment).unwrap();
         let last = 2 * format::record_len(512) as usize;
         bytes[last + HEADER_LEN + 100] ^= 1;
@@ -769,11 +827,74 @@ mod tests {
     }
 
     #[test]
+    fn a_flushed_last_record_that_is_damaged_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let segment = three_records(&base_path, &journal, true);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let last = 2 * format::record_len(512) as usize;
+        bytes[last + HEADER_LEN + 100] ^= 1;
+        std::fs::write(&segment, &bytes).unwrap();
+        match JournaledVolume::open(&base_path, &journal, false) {
+            Err(VolumeError::Replay(JournalError::Corrupt { offset, seq: 3, .. })) => {
+                assert_eq!(offset, last as u64)
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a flushed record was cut as a torn tail"),
+        }
+    }
+
+    #[test]
+    fn a_power_loss_hole_among_unflushed_records_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let segment = journal::segment_path(&journal, 1);
+        let flushed_end = {
+            let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+            volume.write_at(0, &[1; 512]).unwrap();
+            volume.write_at(512, &[2; 512]).unwrap();
+            volume.flush().unwrap();
+            let flushed_end = std::fs::metadata(&segment).unwrap().len();
+            for i in 3..=5u8 {
+                volume.write_at(u64::from(i) * 512, &[i; 512]).unwrap();
+            }
+            flushed_end
+        };
+        // A power loss wrote the pages of records 4 and 5 but not the one of record 3.
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let hole = flushed_end as usize;
+        bytes[hole..hole + format::record_len(512) as usize].fill(0);
+        std::fs::write(&segment, &bytes).unwrap();
+        let (volume, opened) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(
+            opened,
+            Opened {
+                records: 2,
+                dropped_bytes: bytes.len() as u64 - flushed_end
+            }
+        );
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), flushed_end);
+        let mut buf = vec![0u8; 6 * 512];
+        volume.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf[..512], &[1; 512][..], "a flushed write was lost");
+        assert_eq!(&buf[512..1024], &[2; 512][..], "a flushed write was lost");
+        assert!(
+            buf[1024..].iter().all(|&b| b == 0x11),
+            "unflushed records after the hole were kept"
+        );
+        // The sequence goes on from the last flushed record.
+        volume.write_at(0, &[9; 512]).unwrap();
+        assert_eq!(volume.journal_position().1, 3);
+    }
+
+    #[test]
     fn damage_followed_by_valid_records_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = base(dir.path(), 16);
         let journal = dir.path().join("j");
-        let segment = three_records(&base_path, &journal);
+        let segment = three_records(&base_path, &journal, true);
         let original = std::fs::read(&segment).unwrap();
         let second = format::record_len(512) as usize;
         // A flipped payload byte, and a header wiped to zeroes: both inside the journal.
