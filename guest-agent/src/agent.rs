@@ -423,6 +423,37 @@ mod tests {
     }
 
     #[test]
+    fn exec_output_past_the_limit_is_cut_and_says_so() {
+        use base64::Engine;
+        let agent = Agent::new(AgentConfig::default());
+        let started = answer(
+            &agent,
+            &format!(
+                r#"{{"execute":"guest-exec","arguments":{{"path":"/bin/sh","arg":["-c","head -c {} /dev/zero"],"capture-output":true}}}}"#,
+                crate::exec::OUTPUT_LIMIT + 100
+            ),
+        );
+        let pid = started["return"]["pid"].as_u64().unwrap();
+        let status = loop {
+            let s = answer(
+                &agent,
+                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
+            );
+            if s["return"]["exited"] == json!(true) {
+                break s["return"].clone();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status["exitcode"], 0, "the program was blocked or killed");
+        assert_eq!(status["out-truncated"], json!(true));
+        let kept = base64::engine::general_purpose::STANDARD
+            .decode(status["out-data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(kept.len() as u64, crate::exec::OUTPUT_LIMIT);
+        assert!(status.get("err-data").is_none());
+    }
+
+    #[test]
     fn exec_runs_a_program_and_returns_its_output() {
         let agent = Agent::new(AgentConfig::default());
         let started = answer(
@@ -443,6 +474,8 @@ mod tests {
         assert_eq!(status["exitcode"], 3);
         assert_eq!(status["out-data"], json!("b3V0LWhpCg==")); // "out-hi\n"
         assert_eq!(status["err-data"], json!("ZXJyCg==")); // "err\n"
+        assert_eq!(status["out-truncated"], json!(false));
+        assert_eq!(status["err-truncated"], json!(false));
         let gone = answer(
             &agent,
             &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use crate::protocol::CommandError;
 
 /// Most bytes kept of a program's stdout or stderr (qga keeps 16 MiB).
-const OUTPUT_LIMIT: u64 = 16 << 20;
+pub const OUTPUT_LIMIT: u64 = 16 << 20;
 
 /// Arguments of guest-exec.
 #[derive(Debug, Deserialize)]
@@ -36,10 +36,17 @@ pub struct ExecArgs {
     pub capture_output: Option<bool>,
 }
 
+/// A stream's output as kept: at most [`OUTPUT_LIMIT`] bytes, and whether there was more.
+#[derive(Default)]
+struct Captured {
+    data: Vec<u8>,
+    truncated: bool,
+}
+
 struct Running {
     child: Child,
-    stdout: Option<JoinHandle<Vec<u8>>>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
+    stdout: Option<JoinHandle<Captured>>,
+    stderr: Option<JoinHandle<Captured>>,
 }
 
 /// Programs started by guest-exec whose status has not been collected yet.
@@ -94,8 +101,15 @@ impl ExecTable {
             stream.map(|s| {
                 std::thread::spawn(move || {
                     let mut data = Vec::new();
-                    let _ = s.take(OUTPUT_LIMIT).read_to_end(&mut data);
-                    data
+                    let mut s = s;
+                    let _ = (&mut s).take(OUTPUT_LIMIT).read_to_end(&mut data);
+                    // Past the limit: drain the rest so the program is not blocked on a
+                    // full pipe, and say the output was cut.
+                    let more = std::io::copy(&mut s, &mut std::io::sink()).unwrap_or(0);
+                    Captured {
+                        data,
+                        truncated: more > 0,
+                    }
                 })
             })
         };
@@ -151,16 +165,18 @@ impl ExecTable {
             (None, Some(signal)) => answer.insert("signal".into(), json!(signal)),
             (None, None) => None,
         };
-        for (key, handle) in [
-            ("out-data", entry.stdout.take()),
-            ("err-data", entry.stderr.take()),
+        for (key, truncated_key, handle) in [
+            ("out-data", "out-truncated", entry.stdout.take()),
+            ("err-data", "err-truncated", entry.stderr.take()),
         ] {
-            // qemu-guest-agent leaves a stream out when it printed nothing.
-            let data = handle
+            // qemu-guest-agent leaves a stream out when it printed nothing, and says whether
+            // it was cut at the limit whenever it reports one (qga since its 2025 fix).
+            let captured = handle
                 .map(|h| h.join().unwrap_or_default())
                 .unwrap_or_default();
-            if !data.is_empty() {
-                answer.insert(key.into(), json!(BASE64.encode(&data)));
+            if !captured.data.is_empty() {
+                answer.insert(key.into(), json!(BASE64.encode(&captured.data)));
+                answer.insert(truncated_key.into(), json!(captured.truncated));
             }
         }
         Ok(Value::Object(answer))

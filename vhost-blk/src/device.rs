@@ -3,7 +3,9 @@
 //! run by the sealvm-virtio-blk crate, which checks everything the guest sends.
 
 use crate::counters::DeviceCounters;
-use sealvm_virtio_blk::{BlockBackend, ConfigSpace, Features, Limits, Request, Segment};
+use sealvm_virtio_blk::{
+    serve_chain, BlockBackend, ConfigSpace, Features, Limits, Request, Segment, Served,
+};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,28 +104,35 @@ impl BlockDevice {
                     writable: d.is_write_only(),
                 })
                 .collect();
-            let used = match Request::parse(&*mem, &segments, &self.limits) {
-                Ok(request) => {
-                    let started = Instant::now();
-                    let (used, error) = request.execute(&*mem, self.volume.as_ref(), &self.limits);
-                    let error = error.or_else(|| self.write_through_flush(&mem, &request));
-                    self.counters.count_request(
-                        request.kind,
-                        request.data_len,
-                        started.elapsed(),
-                        error.is_none(),
-                    );
-                    if let Some(error) = error {
-                        self.count_error(&error);
+            let volume = self.volume.as_ref();
+            let used = serve_chain(
+                &*mem,
+                &segments,
+                volume,
+                &self.limits,
+                |served| match served {
+                    Served::Ran {
+                        request,
+                        error,
+                        started,
+                    } => {
+                        let error = error.or_else(|| self.write_through_flush(&mem, request));
+                        self.counters.count_request(
+                            request.kind,
+                            request.data_len,
+                            started.elapsed(),
+                            error.is_none(),
+                        );
+                        if let Some(error) = error {
+                            self.count_error(&error);
+                        }
                     }
-                    used
-                }
-                Err(rejected) => {
-                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    self.count_error(&rejected.error);
-                    rejected.answer(&*mem)
-                }
-            };
+                    Served::Rejected(rejected) => {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.count_error(&rejected.error);
+                    }
+                },
+            );
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             vring
                 .add_used(head, used)

@@ -1,6 +1,7 @@
 //! virtio-blk requests, once for every transport: sealvm's virtio-mmio device and
-//! sealvm-blk's vhost-user backend both turn a descriptor chain into [`Segment`]s, parse it
-//! with [`Request::parse`] and run it against a [`BlockBackend`] with [`Request::execute`].
+//! sealvm-blk's vhost-user backend both turn a descriptor chain into [`Segment`]s and hand
+//! them to [`serve_chain`], which parses them ([`Request::parse`]) and runs the request
+//! against a [`BlockBackend`] ([`Request::execute`]).
 //!
 //! Everything here treats the guest as untrusted: every length, offset and sector count is
 //! checked, and a bad request becomes a [`RequestError`] (answered with
@@ -12,10 +13,12 @@ pub mod backend;
 pub mod config;
 pub mod fuzzing;
 pub mod request;
+pub mod serve;
 
 pub use backend::{BlockBackend, RawFile};
 pub use config::{ConfigSpace, Features};
 pub use request::{Limits, Request, RequestError, RequestKind, Segment};
+pub use serve::{serve_chain, Served};
 
 /// Bytes in a virtio-blk sector; offsets on the wire are always in these units.
 pub const SECTOR_SIZE: u64 = 512;

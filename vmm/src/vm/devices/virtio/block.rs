@@ -8,7 +8,7 @@ use super::{
 };
 use sealvm_virtio_blk::request::Rejected;
 use sealvm_virtio_blk::{
-    BlockBackend, ConfigSpace, Features, Limits, Request, RequestKind, Segment,
+    serve_chain, BlockBackend, ConfigSpace, Features, Limits, RequestKind, Segment, Served,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -183,37 +183,27 @@ pub fn process_queue(
                     writable: d.is_write_only(),
                 })
                 .collect();
-            let used = match Request::parse(mem, &segments, limits) {
-                Ok(request) => {
-                    let (used, error) = request.execute(mem, backend, limits);
-                    match (request.kind, &error) {
-                        (RequestKind::In, None) => {
-                            counters
-                                .read_bytes
-                                .fetch_add(request.data_len, Ordering::Relaxed);
-                        }
-                        (RequestKind::Out, None) => {
-                            counters
-                                .write_bytes
-                                .fetch_add(request.data_len, Ordering::Relaxed);
-                        }
-                        (RequestKind::Flush, None) => {
-                            counters.flushes.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {}
+            let used = serve_chain(mem, &segments, backend, limits, |served| match served {
+                Served::Ran { request, error, .. } => {
+                    let counter = match (request.kind, &error) {
+                        (RequestKind::In, None) => Some((&counters.read_bytes, request.data_len)),
+                        (RequestKind::Out, None) => Some((&counters.write_bytes, request.data_len)),
+                        (RequestKind::Flush, None) => Some((&counters.flushes, 1)),
+                        _ => None,
+                    };
+                    if let Some((counter, by)) = counter {
+                        counter.fetch_add(by, Ordering::Relaxed);
                     }
                     if let Some(error) = error {
                         counters.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(disk = name, %error, "request failed");
                     }
-                    used
                 }
-                Err(rejected) => {
+                Served::Rejected(rejected) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
-                    log_rejected(name, &rejected);
-                    rejected.answer(mem)
+                    log_rejected(name, rejected);
                 }
-            };
+            });
             counters.requests.fetch_add(1, Ordering::Relaxed);
             if queue.add_used(mem, head, used).is_err() {
                 tracing::warn!(disk = name, "cannot complete a request: used ring unusable");
