@@ -422,6 +422,20 @@ mod tests {
         assert_eq!(&bytes[1..], b"{\"return\":9}\n");
     }
 
+    /// Polls guest-exec-status until the program has exited; returns that status.
+    fn exited(agent: &Agent, pid: u64) -> Value {
+        loop {
+            let s = answer(
+                agent,
+                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
+            );
+            if s["return"]["exited"] == json!(true) {
+                return s["return"].clone();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn exec_output_past_the_limit_is_cut_and_says_so() {
         use base64::Engine;
@@ -434,16 +448,7 @@ mod tests {
             ),
         );
         let pid = started["return"]["pid"].as_u64().unwrap();
-        let status = loop {
-            let s = answer(
-                &agent,
-                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
-            );
-            if s["return"]["exited"] == json!(true) {
-                break s["return"].clone();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = exited(&agent, pid);
         assert_eq!(status["exitcode"], 0, "the program was blocked or killed");
         assert_eq!(status["out-truncated"], json!(true));
         let kept = base64::engine::general_purpose::STANDARD
@@ -461,16 +466,7 @@ mod tests {
             r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","read x; echo out-$x; echo err >&2; exit 3"],"input-data":"aGk=","capture-output":true}}"#,
         );
         let pid = started["return"]["pid"].as_u64().unwrap();
-        let status = loop {
-            let s = answer(
-                &agent,
-                &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
-            );
-            if s["return"]["exited"] == json!(true) {
-                break s["return"].clone();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = exited(&agent, pid);
         assert_eq!(status["exitcode"], 3);
         assert_eq!(status["out-data"], json!("b3V0LWhpCg==")); // "out-hi\n"
         assert_eq!(status["err-data"], json!("ZXJyCg==")); // "err\n"

@@ -540,22 +540,6 @@ fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
     Ok(got)
 }
 
-/// The bookmarks in the journal at `dir`, in order.
-pub fn bookmarks(dir: &Path) -> Result<Vec<Bookmark>, JournalError> {
-    let mut found = Vec::new();
-    scan(dir, |header, _, payload| {
-        if header.kind == RecordKind::Bookmark {
-            found.push(Bookmark {
-                name: String::from_utf8_lossy(payload).into_owned(),
-                seq: header.seq,
-                time_ns: header.time_ns,
-            });
-        }
-        true
-    })?;
-    Ok(found)
-}
-
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {

@@ -191,12 +191,7 @@ impl JournaledVolume {
             .retention
             .max_age_s
             .is_some_and(|max_age| is_older(oldest.last_time_ns, max_age));
-        Ok((leftover || over_bytes || too_old).then(|| Candidate {
-            ordinal: state.first_ordinal,
-            first_seq: oldest.first_seq,
-            last_seq: oldest.last_seq,
-            path: oldest.path.clone(),
-        }))
+        Ok((leftover || over_bytes || too_old).then(|| oldest_closed(&state)))
     }
 
     /// Takes the history exclusively if no reader holds it.
@@ -340,14 +335,20 @@ impl JournaledVolume {
         let candidate = {
             let state = self.read_state()?;
             assert!(state.segments.len() >= 2, "no closed segment to fold");
-            Candidate {
-                ordinal: state.first_ordinal,
-                first_seq: state.segments[0].first_seq,
-                last_seq: state.segments[0].last_seq,
-                path: state.segments[0].path.clone(),
-            }
+            oldest_closed(&state)
         };
         self.fold_segment(&candidate, Some(step)).map(drop)
+    }
+}
+
+/// The oldest segment, as a fold candidate (the caller checked it is closed).
+fn oldest_closed(state: &State) -> Candidate {
+    let oldest = &state.segments[0];
+    Candidate {
+        ordinal: state.first_ordinal,
+        first_seq: oldest.first_seq,
+        last_seq: oldest.last_seq,
+        path: oldest.path.clone(),
     }
 }
 

@@ -179,6 +179,11 @@ impl State {
             .expect("a volume always has an active segment")
     }
 
+    /// The ordinal of the active segment.
+    fn active_ordinal(&self) -> u32 {
+        self.first_ordinal + self.segments.len() as u32 - 1
+    }
+
     fn segment_by_ordinal(&self, ordinal: u32) -> Option<&Segment> {
         let i = ordinal.checked_sub(self.first_ordinal)?;
         self.segments.get(i as usize)
@@ -459,7 +464,7 @@ impl JournaledVolume {
         };
         let time_ns = journal::now_ns();
         let record = format::encode(kind, seq, time_ns, offset, payload);
-        let ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
+        let ordinal = state.active_ordinal();
         let active = state.segments.back_mut().expect("an active segment");
         let at = active.bytes;
         active.file.write_all_at(&record, at)?;
@@ -489,9 +494,8 @@ impl JournaledVolume {
     /// open, such a point tells damage to durable records (refused) from a power loss's
     /// hole among unflushed ones (cut).
     fn record_sync_point(&self, state: &mut State, ordinal: u32, end: u64) -> io::Result<()> {
-        let active_ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
         // A segment closed since was synced whole when it was closed.
-        if ordinal != active_ordinal || end <= state.active().synced_to {
+        if ordinal != state.active_ordinal() || end <= state.active().synced_to {
             return Ok(());
         }
         self.append(state, RecordKind::Sync, 0, &end.to_le_bytes())?;
@@ -503,7 +507,7 @@ impl JournaledVolume {
     /// The active segment's file, ordinal and end, for a sync outside the lock.
     fn active_position(&self) -> io::Result<(Arc<File>, u32, u64)> {
         let state = self.read_state()?;
-        let ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
+        let ordinal = state.active_ordinal();
         let active = state.active();
         Ok((active.file.clone(), ordinal, active.bytes))
     }
@@ -558,7 +562,7 @@ impl JournaledVolume {
         let seq = self.append(&mut state, RecordKind::Bookmark, 0, name.as_bytes())?;
         let time_ns = state.active().last_time_ns;
         self.sync(&state)?;
-        let ordinal = state.first_ordinal + state.segments.len() as u32 - 1;
+        let ordinal = state.active_ordinal();
         let end = state.active().bytes;
         self.record_sync_point(&mut state, ordinal, end)?;
         let bookmark = Bookmark {
