@@ -1,5 +1,6 @@
 //! The kit sealvm's integration tests and `cargo xtask` share: where the guest images and
-//! binaries are, what this host can virtualize, and a launcher for the Linux guest under QEMU.
+//! binaries are, what this host can virtualize, a launcher for the Linux guest under QEMU,
+//! and the processes tests stand up beside the product (swtpm as the host TPM, daemons).
 //!
 //! It does not build anything: `cargo xtask images` builds the guest images and
 //! `cargo build` the binaries; the kit only finds them and says what to run when they are
@@ -11,6 +12,7 @@ pub mod host;
 pub mod paths;
 pub mod qemu;
 pub mod sealvm_vm;
+pub mod swtpm;
 
 pub use background::Background;
 pub use console::Console;
@@ -18,6 +20,7 @@ pub use host::Accel;
 pub use paths::{GuestImages, Workspace};
 pub use qemu::{QemuGuest, QemuGuestBuilder};
 pub use sealvm_vm::SealvmVm;
+pub use swtpm::SwtpmProcess;
 
 /// The line the Linux guest's init prints on the console once it is ready for commands.
 pub const GUEST_READY_LINE: &str = "SEALVM-GUEST-READY";

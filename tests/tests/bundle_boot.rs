@@ -4,7 +4,7 @@
 //! state back on power-off. The NV index the guest defines survives into the next launch;
 //! what the guest writes to its disk is never plaintext in the bundle file.
 
-use sealvm::tpm::swtpm::SwtpmProcess;
+use sealvm_testkit::SwtpmProcess;
 use sealvm_testkit::{SealvmVm, Workspace};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -169,7 +169,7 @@ fn a_sealed_bundle_boots_with_its_disk_and_vtpm_and_the_vtpm_state_persists() {
     // An unplanned host change: the next launch is refused before any guest code runs,
     // and the bundle is left as it was.
     let before = std::fs::read(&bundle).unwrap();
-    sealvm::tpm::HostTpm::connect(&site.host_tpm.tcti())
+    sealvm_trust::tpm::HostTpm::connect(&site.host_tpm.tcti())
         .unwrap()
         .extend_pcr(16, b"unplanned change")
         .unwrap();

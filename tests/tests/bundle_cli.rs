@@ -1,9 +1,9 @@
 //! `sealvm bundle`, `sealvm helper-partition` and `sealvm run --attest-only` as a user runs
 //! them, with swtpm as the host TPM.
 
-use sealvm::tpm::swtpm::SwtpmProcess;
-use sealvm::tpm::HostTpm;
+use sealvm_testkit::SwtpmProcess;
 use sealvm_testkit::Workspace;
+use sealvm_trust::tpm::HostTpm;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

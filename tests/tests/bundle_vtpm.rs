@@ -1,10 +1,10 @@
 //! The guest's vTPM: restored from the bundle on an attested host, changed, written back on
 //! stop, and still changed at the next launch; its state is useless without the bundle key.
 
-use sealvm::cli::launch;
-use sealvm::tpm::swtpm::SwtpmProcess;
-use sealvm::tpm::vtpm::Vtpm;
+use sealvm_testkit::SwtpmProcess;
 use sealvm_testkit::Workspace;
+use sealvm_trust::launch;
+use sealvm_trust::tpm::vtpm::Vtpm;
 use std::path::Path;
 use std::process::Command;
 

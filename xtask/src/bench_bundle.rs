@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use sealvm_testkit::Workspace;
 use std::process::Command;
 
-/// Runs vmm/examples/bundle_bench.rs in release and OpenSSL, and returns their rows.
+/// Runs trust/examples/bundle_bench.rs in release and OpenSSL, and returns their rows.
 pub fn rows(workspace: &Workspace) -> Result<Vec<Row>> {
     step("bench: sealed bundle (XTS throughput, launch steps against swtpm)");
     let ours = output(Command::new("cargo").current_dir(workspace.root()).args([
@@ -17,7 +17,7 @@ pub fn rows(workspace: &Workspace) -> Result<Vec<Row>> {
         "--quiet",
         "--release",
         "-p",
-        "sealvm",
+        "sealvm-trust",
         "--example",
         "bundle_bench",
     ]))?;

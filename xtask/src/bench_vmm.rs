@@ -143,7 +143,7 @@ fn microvm_device_map() -> String {
 /// `sealvm run --bundle` of a probe-guest bundle against swtpm: start to first serial line.
 fn sealed_launch(sealvm: &std::path::Path, probe: &std::path::Path) -> Result<f64> {
     let dir = tempfile::tempdir()?;
-    let host_tpm = sealvm::tpm::swtpm::SwtpmProcess::start(&dir.path().join("host-tpm"))?;
+    let host_tpm = sealvm_testkit::SwtpmProcess::start(&dir.path().join("host-tpm"))?;
     let helper = dir.path().join("helper.img");
     let bundle = dir.path().join("bench.svm");
     let p = |p: &std::path::Path| p.display().to_string();

@@ -5,8 +5,7 @@
 use crate::images;
 use crate::process::{run, step};
 use anyhow::{Context, Result};
-use sealvm::tpm::swtpm::SwtpmProcess;
-use sealvm::tpm::HostTpm;
+use sealvm_testkit::SwtpmProcess;
 use sealvm_testkit::Workspace;
 use std::process::Command;
 
@@ -96,12 +95,22 @@ pub fn run_demo(workspace: &Workspace, built: &images::Built) -> Result<()> {
         "the sealed guest did not pass its checks"
     );
     step("demo: extending host PCR 16 (an unplanned host change)");
-    HostTpm::connect(&tcti)
-        .context("connect to the host swtpm")?
-        .extend_pcr(16, b"unplanned change")?;
+    // tpm2-tools, as an operator would; the digest is SHA-256("unplanned change").
+    run(Command::new("tpm2_pcrextend")
+        .env("TPM2TOOLS_TCTI", &tcti)
+        .arg(format!("16:sha256={}", sha256_hex(b"unplanned change"))))
+    .context("tpm2_pcrextend on the host swtpm")?;
     step("demo: sealvm run --attest-only now refuses");
     let status = sealvm_cmd(&attest).status()?;
     anyhow::ensure!(!status.success(), "an untrusted host was not refused");
     step("demo: launch refused, as it should be");
     Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }

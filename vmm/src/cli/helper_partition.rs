@@ -1,8 +1,8 @@
 //! `sealvm helper-partition init`: add the `sealvm-sealed` partition to a helper disk image.
 
 use crate::cli::size::{parse_size, SizeError};
-use crate::helper_partition::{HelperPartitionError, SealedPartition};
 use clap::{Args, Subcommand};
+use sealvm_trust::helper_partition::{HelperPartitionError, SealedPartition};
 use std::path::PathBuf;
 
 /// `sealvm helper-partition ...`

@@ -1,24 +1,10 @@
-//! Trusted launch up to the point where the VMM takes over: attest the host against the
-//! bundle's sealed policy, unseal the key-slot secret, open the bundle and verify its
-//! regions. `sealvm run --attest-only` prints the attestation report; booting the guest is
-//! the VMM's part, which calls [`attest_and_open`].
-//!
-//! The VMM's boot path, in order: `attest_and_open(bundle, helper, tcti, true)` → check the
-//! kernel/initramfs digests against [`OpenedBundle::manifest`] → start the guest's vTPM with
-//! `crate::tpm::vtpm::Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)` and
-//! point the TPM CRB device at its unix sockets → serve the disk through
-//! `Bundle::read_disk`/`write_disk` (per-sector XTS, no plaintext on disk) → on shutdown
-//! `vtpm.stop_and_write_back(&mut opened.bundle)`.
+//! The trusted-launch options of `sealvm run` and `--attest-only`; the workflow itself is
+//! `sealvm_trust::launch`, and booting the opened bundle is `super::run`.
 
-use crate::bundle::luks1::{self, LuksError};
-use crate::bundle::payload::{Bundle, BundleError, VmManifest};
-use crate::helper_partition::{HelperPartitionError, SealedPartition};
-use crate::tpm::{AttestationReport, HostTpm, TpmError, DEFAULT_TCTI};
 use clap::Args;
-use std::fs::File;
+use sealvm_trust::launch::{self, LaunchError};
+use sealvm_trust::tpm::DEFAULT_TCTI;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 /// The trusted-launch options of `sealvm run`.
 #[derive(Debug, Args)]
@@ -39,281 +25,23 @@ pub struct TrustedLaunchArgs {
     pub attest_only: bool,
 }
 
-/// Errors that stop a launch before any guest code runs; each names the failed check.
+/// Errors of `--attest-only`.
 #[derive(Debug, thiserror::Error)]
-pub enum LaunchError {
-    /// The bundle file cannot be opened.
-    #[error("cannot open bundle {path}")]
-    BundleFile {
-        /// The bundle path.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The bundle's LUKS header is unreadable (not a bundle, truncated).
-    #[error("bundle header check failed")]
-    Header(#[source] LuksError),
-    /// The helper partition is missing or has no record for this bundle.
-    #[error("helper partition check failed")]
-    HelperPartition(#[from] HelperPartitionError),
-    /// The host TPM could not be reached or refused.
-    #[error("host TPM check failed")]
-    Tpm(#[from] TpmError),
-    /// The bundle did not open or verify with the unsealed key.
-    #[error("bundle check failed")]
-    Bundle(#[from] BundleError),
-    /// The host is not in the sealed state; the report says which PCRs differ.
-    #[error("host attestation failed: PCR {pcrs:?} differ from the sealed policy")]
-    Untrusted {
-        /// The PCRs that differ.
-        pcrs: Vec<u8>,
-    },
-    /// The host TPM is not the one the key was sealed on.
-    #[error(
-        "host attestation failed: TPM identity check failed (not the TPM the key was sealed on)"
-    )]
-    OtherTpm,
+pub enum AttestOnlyError {
+    /// Attestation failed.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
     /// The report could not be printed.
     #[error("cannot print the attestation report")]
     Json(#[source] serde_json::Error),
-    /// A kernel or initramfs differs from the digest in the bundle's manifest.
-    #[error("{what} {path} does not match the SHA-256 recorded in the bundle manifest")]
-    BootFileDigest {
-        /// "kernel" or "initramfs".
-        what: &'static str,
-        /// The file given.
-        path: String,
-    },
-    /// A boot file could not be read.
-    #[error("cannot read {path}")]
-    BootFile {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// This build can attest and open bundles but the VMM boot path is not wired here.
-    #[error("booting a bundle is not available in this build; use --attest-only")]
-    BootUnavailable,
 }
 
-/// A bundle opened on an attested host: everything the VMM needs to boot it.
-pub struct OpenedBundle {
-    /// The open bundle (guest disk access, vTPM write-back).
-    pub bundle: Bundle,
-    /// The verified VM-state manifest.
-    pub manifest: VmManifest,
-    /// The verified vTPM state blob (swtpm's `tpm2-00.permall`, itself encrypted with
-    /// [`OpenedBundle::vtpm_key_hex`]).
-    pub vtpm_state: Zeroizing<Vec<u8>>,
-    /// The attestation report that allowed the launch.
-    pub report: AttestationReport,
-    /// Time per step: attest, unseal, open (LUKS + HMAC checks).
-    pub timings: LaunchTimings,
-}
-
-/// How long each launch step took.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LaunchTimings {
-    /// Reading PCRs and comparing them with the policy.
-    pub attest: Duration,
-    /// Unsealing through the policy session.
-    pub unseal: Duration,
-    /// Opening the LUKS key slot and verifying the regions.
-    pub open: Duration,
-}
-
-impl OpenedBundle {
-    /// The 128-bit AES key (32 hex digits) for swtpm's `--key file=...,format=hex`, derived from
-    /// the bundle's master key.
-    pub fn vtpm_key_hex(&self) -> Zeroizing<String> {
-        vtpm_key_hex(&self.bundle)
-    }
-}
-
-/// The swtpm state key of `bundle`, as swtpm's hex key file wants it.
-pub fn vtpm_key_hex(bundle: &Bundle) -> Zeroizing<String> {
-    let key = bundle.vtpm_encryption_key();
-    Zeroizing::new(hex::encode(&key[..16]))
-}
-
-fn sealed_record(
-    bundle: &Path,
-    helper_disk: &Path,
-) -> Result<crate::tpm::SealedObject, LaunchError> {
-    let file = File::open(bundle).map_err(|source| LaunchError::BundleFile {
-        path: bundle.display().to_string(),
-        source,
-    })?;
-    let header = luks1::read_header(&file).map_err(LaunchError::Header)?;
-    Ok(SealedPartition::open(helper_disk, false)?.get(&header.uuid)?)
-}
-
-/// Reads the host PCRs and compares them with the bundle's sealed policy.
-pub fn attest(
-    bundle: &Path,
-    helper_disk: &Path,
-    tcti: &str,
-) -> Result<AttestationReport, LaunchError> {
-    let sealed = sealed_record(bundle, helper_disk)?;
-    Ok(HostTpm::connect(tcti)?.attest(&sealed)?)
-}
-
-/// Attests the host, unseals the key-slot secret, opens the bundle and verifies its manifest
-/// and vTPM state. Nothing is written to the bundle.
-pub fn attest_and_open(
-    bundle: &Path,
-    helper_disk: &Path,
-    tcti: &str,
-    writable: bool,
-) -> Result<OpenedBundle, LaunchError> {
-    let (secret, report, mut timings) = attest_and_unseal(bundle, helper_disk, tcti)?;
-    let start = Instant::now();
-    let opened = Bundle::open(bundle, &secret, writable)?;
-    let manifest = opened.manifest()?;
-    let vtpm_state = opened.vtpm_state()?;
-    timings.open = start.elapsed();
-    tracing::info!(bundle = %bundle.display(), id = %opened.id(), "bundle opened on attested host");
-    Ok(OpenedBundle {
-        bundle: opened,
-        manifest,
-        vtpm_state,
-        report,
-        timings,
-    })
-}
-
-/// Attests and unseals, returning the key-slot secret.
-pub fn attest_and_unseal(
-    bundle: &Path,
-    helper_disk: &Path,
-    tcti: &str,
-) -> Result<(Zeroizing<Vec<u8>>, AttestationReport, LaunchTimings), LaunchError> {
-    let sealed = sealed_record(bundle, helper_disk)?;
-    let mut tpm = HostTpm::connect(tcti)?;
-    let start = Instant::now();
-    let report = tpm.attest(&sealed)?;
-    let attest = start.elapsed();
-    if !report.tpm_matches {
-        return Err(LaunchError::OtherTpm);
-    }
-    if !report.trusted {
-        return Err(LaunchError::Untrusted {
-            pcrs: report
-                .pcrs
-                .iter()
-                .filter(|c| !c.matches)
-                .map(|c| c.pcr)
-                .collect(),
-        });
-    }
-    let start = Instant::now();
-    let secret = tpm.unseal(&sealed)?;
-    let timings = LaunchTimings {
-        attest,
-        unseal: start.elapsed(),
-        open: Duration::ZERO,
-    };
-    Ok((secret, report, timings))
-}
-
-/// Checks the kernel and initramfs the VMM is about to load against the manifest's digests.
-pub fn verify_boot_files(
-    manifest: &VmManifest,
-    kernel: &Path,
-    initramfs: Option<&Path>,
-) -> Result<(), LaunchError> {
-    let digest = |path: &Path| -> Result<String, LaunchError> {
-        use sha2::Digest as _;
-        let mut file = File::open(path).map_err(|source| LaunchError::BootFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut hasher = sha2::Sha256::new();
-        std::io::copy(&mut file, &mut hasher).map_err(|source| LaunchError::BootFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(hex::encode(hasher.finalize()))
-    };
-    if digest(kernel)? != manifest.kernel_sha256 {
-        return Err(LaunchError::BootFileDigest {
-            what: "kernel",
-            path: kernel.display().to_string(),
-        });
-    }
-    match (initramfs, &manifest.initramfs_sha256) {
-        (Some(path), Some(expected)) if digest(path)? == *expected => Ok(()),
-        (None, None) => Ok(()),
-        (path, _) => Err(LaunchError::BootFileDigest {
-            what: "initramfs",
-            path: path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(none)".into()),
-        }),
-    }
-}
-
-/// Runs the trusted-launch part of `sealvm run`.
-pub fn run(args: &TrustedLaunchArgs) -> Result<(), LaunchError> {
-    let (Some(bundle), Some(helper_disk)) = (&args.bundle, &args.helper_disk) else {
-        return Err(LaunchError::BootUnavailable);
-    };
-    if args.attest_only {
-        let report = attest(bundle, helper_disk, &args.tcti)?;
-        let json = serde_json::to_string_pretty(&report).map_err(LaunchError::Json)?;
-        println!("{json}");
-        if !report.tpm_matches {
-            return Err(LaunchError::OtherTpm);
-        }
-        if !report.trusted {
-            return Err(LaunchError::Untrusted {
-                pcrs: report
-                    .pcrs
-                    .iter()
-                    .filter(|c| !c.matches)
-                    .map(|c| c.pcr)
-                    .collect(),
-            });
-        }
-        return Ok(());
-    }
-    attest_and_open(bundle, helper_disk, &args.tcti, false)?;
-    Err(LaunchError::BootUnavailable)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn boot_files_must_match_manifest_digests() {
-        let dir = tempfile::tempdir().unwrap();
-        let kernel = dir.path().join("k");
-        std::fs::write(&kernel, b"kernel").unwrap();
-        let manifest = VmManifest {
-            vcpus: 1,
-            memory_mib: 64,
-            cmdline: String::new(),
-            kernel_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"kernel")),
-            initramfs_sha256: None,
-        };
-        verify_boot_files(&manifest, &kernel, None).unwrap();
-        std::fs::write(&kernel, b"kernel with a backdoor").unwrap();
-        assert!(matches!(
-            verify_boot_files(&manifest, &kernel, None),
-            Err(LaunchError::BootFileDigest { what: "kernel", .. })
-        ));
-        std::fs::write(&kernel, b"kernel").unwrap();
-        // An initramfs the manifest does not list is refused too.
-        assert!(matches!(
-            verify_boot_files(&manifest, &kernel, Some(&kernel)),
-            Err(LaunchError::BootFileDigest {
-                what: "initramfs",
-                ..
-            })
-        ));
-    }
+/// `sealvm run --bundle B --helper-disk H --attest-only`: prints the attestation report as
+/// JSON and fails when the host is not trusted.
+pub fn attest_only(bundle: &Path, helper_disk: &Path, tcti: &str) -> Result<(), AttestOnlyError> {
+    let report = launch::attest(bundle, helper_disk, tcti)?;
+    let json = serde_json::to_string_pretty(&report).map_err(AttestOnlyError::Json)?;
+    println!("{json}");
+    launch::require_trusted(&report)?;
+    Ok(())
 }

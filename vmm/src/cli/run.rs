@@ -1,15 +1,16 @@
 //! `sealvm run`: boot a kernel with virtio-mmio disks and a console, or launch a sealed
 //! bundle (`--bundle`, see [`super::launch`]).
 
-use super::launch::{self, TrustedLaunchArgs};
+use super::launch::{self, AttestOnlyError, TrustedLaunchArgs};
 use super::size::parse_size;
-use crate::bundle::disk::BundleDisk;
-use crate::tpm::vtpm::{Vtpm, VtpmEndpoint};
 use crate::vm::config::{DiskConfig, VmConfig};
+use crate::vm::devices::bundle_disk::BundleDisk;
 use crate::vm::devices::legacy::StopReason;
 use crate::vm::devices::serial::SerialTarget;
 use crate::vm::{Extras, Vm};
 use clap::Args;
+use sealvm_trust::launch::{self as trusted_launch, LaunchError};
+use sealvm_trust::tpm::vtpm::{Vtpm, VtpmEndpoint};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -76,7 +77,10 @@ pub enum RunError {
     Vm(#[from] crate::vm::VmError),
     /// Trusted launch failed.
     #[error(transparent)]
-    Launch(#[from] launch::LaunchError),
+    Launch(#[from] LaunchError),
+    /// `--attest-only` failed.
+    #[error(transparent)]
+    AttestOnly(#[from] AttestOnlyError),
     /// The VM stopped because a vCPU failed.
     #[error("the VM stopped: {0}")]
     Stopped(&'static str),
@@ -141,7 +145,16 @@ impl RunArgs {
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
     if let Some(bundle) = &args.trusted.bundle {
         if args.trusted.attest_only {
-            return Ok(launch::run(&args.trusted)?);
+            let helper_disk = args
+                .trusted
+                .helper_disk
+                .as_deref()
+                .ok_or_else(|| RunError::BadArgument("--bundle needs --helper-disk".into()))?;
+            return Ok(launch::attest_only(
+                bundle,
+                helper_disk,
+                &args.trusted.tcti,
+            )?);
         }
         return run_bundle(args, bundle);
     }
@@ -165,8 +178,9 @@ fn run_bundle(args: &RunArgs, bundle_path: &std::path::Path) -> Result<(), RunEr
                 .into(),
         )
     })?;
-    let opened = launch::attest_and_open(bundle_path, helper_disk, &args.trusted.tcti, true)?;
-    launch::verify_boot_files(&opened.manifest, &kernel, args.initramfs.as_deref())?;
+    let opened =
+        trusted_launch::attest_and_open(bundle_path, helper_disk, &args.trusted.tcti, true)?;
+    trusted_launch::verify_boot_files(&opened.manifest, &kernel, args.initramfs.as_deref())?;
     let vtpm = Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)
         .map_err(|e| RunError::Vtpm(e.to_string()))?;
     let VtpmEndpoint::Unix { data, .. } = vtpm.endpoint().clone() else {

@@ -1,6 +1,7 @@
 //! Devices: the port and MMIO buses the vCPUs dispatch exits to, the legacy devices (COM1,
 //! ACPI power registers, i8042 reset) and the virtio-mmio devices.
 
+pub mod bundle_disk;
 pub mod legacy;
 pub mod serial;
 pub mod tpm_crb;

@@ -1,7 +1,7 @@
 //! Sealing against a real swtpm: round trip, PCR change refused, another TPM refused.
 
-use super::swtpm::SwtpmProcess;
 use super::{HostTpm, TpmError};
+use sealvm_testkit::SwtpmProcess;
 
 const PCRS: [u8; 2] = [16, 23];
 

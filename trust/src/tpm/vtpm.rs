@@ -92,7 +92,7 @@ impl Vtpm {
         drop(key_file);
         let endpoint = if tcp {
             VtpmEndpoint::Tcp {
-                port: super::swtpm::free_port_pair().ok_or(VtpmError::Start("no free port"))?,
+                port: free_port_pair().ok_or(VtpmError::Start("no free port"))?,
             }
         } else {
             VtpmEndpoint::Unix {
@@ -253,4 +253,16 @@ impl Drop for Vtpm {
             let _ = child.wait();
         }
     }
+}
+
+/// A loopback port P with P + 1 also free (swtpm's data and control channels).
+fn free_port_pair() -> Option<u16> {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind(("127.0.0.1", 0)).ok()?;
+        let port = first.local_addr().ok()?.port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return Some(port);
+        }
+    }
+    None
 }

@@ -1,8 +1,8 @@
 //! The bundle_header fuzz target's entry points on a real header and on many mutations of it
 //! (what `cargo fuzz run bundle_header` explores at length): no input may panic.
 
-use sealvm::bundle::luks1;
-use sealvm::bundle::payload::fuzzing;
+use sealvm_trust::bundle::luks1;
+use sealvm_trust::bundle::payload::fuzzing;
 
 fn lcg(state: &mut u64) -> u64 {
     *state = state

@@ -4,7 +4,6 @@
 //! decrypted sector view over the payload, [`payload`] what sealvm keeps inside it. Sealing the key-slot secret to the host TPM
 //! lives elsewhere (`crate::tpm`); this module never talks to a TPM.
 
-pub mod disk;
 pub mod luks1;
 pub mod payload;
 pub mod volume;

@@ -2,6 +2,6 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    sealvm::bundle::luks1::fuzz_header(data);
-    sealvm::bundle::payload::fuzzing::superblock(data);
+    sealvm_trust::bundle::luks1::fuzz_header(data);
+    sealvm_trust::bundle::payload::fuzzing::superblock(data);
 });

@@ -8,7 +8,6 @@
 
 pub mod report;
 pub mod sealed;
-pub mod swtpm;
 pub mod vtpm;
 
 pub use report::{AttestationReport, PcrCheck};

@@ -1,12 +1,12 @@
 //! Measurements for `cargo xtask bench` (run in release): XTS throughput on 4 KiB requests
 //! and the trusted-launch steps against swtpm. Prints one JSON object on stdout.
 
-use sealvm::bundle::payload::{Bundle, DiskSource, VmManifest};
-use sealvm::bundle::xts::SectorCipher;
-use sealvm::cli::launch;
-use sealvm::helper_partition::SealedPartition;
-use sealvm::tpm::swtpm::SwtpmProcess;
-use sealvm::tpm::HostTpm;
+use sealvm_testkit::SwtpmProcess;
+use sealvm_trust::bundle::payload::{Bundle, DiskSource, VmManifest};
+use sealvm_trust::bundle::xts::SectorCipher;
+use sealvm_trust::helper_partition::SealedPartition;
+use sealvm_trust::launch;
+use sealvm_trust::tpm::HostTpm;
 use std::time::{Duration, Instant};
 
 fn throughput(mut op: impl FnMut(&mut [u8], u64)) -> f64 {
@@ -69,11 +69,11 @@ fn main() -> anyhow::Result<()> {
     // The guest's vTPM: swtpm started on a manufactured state, until it answers a command.
     let opened = launch::attest_and_open(&bundle_path, &helper, &swtpm.tcti(), false)?;
     let key = opened.vtpm_key_hex();
-    let state = sealvm::cli::bundle::manufacture_vtpm(&key)?;
+    let state = sealvm_trust::provision::manufacture_vtpm(&key)?;
     let mut vtpm_start = vec![];
     for _ in 0..7 {
         let start = Instant::now();
-        let vtpm = sealvm::tpm::vtpm::Vtpm::start(&state, &key, false)?;
+        let vtpm = sealvm_trust::tpm::vtpm::Vtpm::start(&state, &key, false)?;
         vtpm_start.push(start.elapsed());
         drop(vtpm);
     }

@@ -618,7 +618,7 @@ fn parse_superblock(b: &[u8; SECTOR_SIZE], hmac_key: &[u8]) -> Result<Superblock
     })
 }
 
-/// Entry points for the `bundle_header` fuzz target (vmm/fuzz), kept here so a crash found
+/// Entry points for the `bundle_header` fuzz target (trust/fuzz), kept here so a crash found
 /// there replays as an ordinary unit test.
 pub mod fuzzing {
     use super::*;

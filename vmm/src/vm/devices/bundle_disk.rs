@@ -1,7 +1,7 @@
 //! A bundle's guest disk as a virtio-blk backend: every sector decrypted on read and
 //! encrypted on write (XTS, plain64 tweak), so no plaintext reaches the file.
 
-use super::payload::Bundle;
+use sealvm_trust::bundle::payload::{Bundle, BundleError};
 use sealvm_virtio_blk::BlockBackend;
 use std::io;
 use std::sync::{Arc, RwLock};
@@ -32,10 +32,7 @@ impl BundleDisk {
         })
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&Bundle) -> Result<T, super::payload::BundleError>,
-    ) -> io::Result<T> {
+    fn with<T>(&self, f: impl FnOnce(&Bundle) -> Result<T, BundleError>) -> io::Result<T> {
         let bundle = self
             .bundle
             .read()

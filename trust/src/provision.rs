@@ -1,0 +1,302 @@
+//! Provisioning sealed bundles: create (encrypt the disk, manufacture the vTPM, seal the
+//! key), inspect, reseal to new PCRs, export the decrypted disk. Each is a library function
+//! over a [`HostAccess`] (the helper disk and the host TPM); `sealvm bundle` prints what
+//! they return. Nothing here boots a VM.
+
+use crate::bundle::luks1::{self, LuksError};
+use crate::bundle::payload::{Bundle, BundleError, DiskSource, VmManifest};
+use crate::helper_partition::{HelperPartitionError, SealedPartition};
+use crate::launch::{self, LaunchError};
+use crate::tpm::{HostTpm, TpmError};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use zeroize::Zeroizing;
+
+/// Where a bundle's sealed key lives and which TPM seals it.
+#[derive(Debug, Clone)]
+pub struct HostAccess {
+    /// The helper disk image holding the `sealvm-sealed` partition.
+    pub helper_disk: PathBuf,
+    /// The host TPM's TCTI.
+    pub tcti: String,
+}
+
+/// Errors of the provisioning workflows.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// A file could not be read or written.
+    #[error("cannot access {path}")]
+    File {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// swtpm_setup could not be started.
+    #[error("cannot run swtpm_setup (is swtpm-tools installed?)")]
+    SwtpmSpawn(#[source] std::io::Error),
+    /// swtpm_setup failed to manufacture the vTPM.
+    #[error("swtpm_setup failed to manufacture the vTPM: {0}")]
+    Swtpm(String),
+    /// The bundle failed.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The LUKS layer failed.
+    #[error(transparent)]
+    Luks(#[from] LuksError),
+    /// The host TPM failed.
+    #[error(transparent)]
+    Tpm(#[from] TpmError),
+    /// The helper partition failed.
+    #[error(transparent)]
+    Helper(#[from] HelperPartitionError),
+    /// Attestation or opening failed.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError {
+    let path = path.display().to_string();
+    move |source| ProvisionError::File { path, source }
+}
+
+/// Builds a manifest for a new bundle from the boot files (hashed here) and the VM shape.
+pub fn manifest_for(
+    kernel: &Path,
+    initramfs: Option<&Path>,
+    cmdline: String,
+    vcpus: u32,
+    memory_bytes: u64,
+) -> Result<VmManifest, ProvisionError> {
+    Ok(VmManifest {
+        vcpus,
+        memory_mib: memory_bytes >> 20,
+        cmdline,
+        kernel_sha256: sha256_file(kernel)?,
+        initramfs_sha256: initramfs.map(sha256_file).transpose()?,
+    })
+}
+
+/// Creates the bundle at `path` (which must not exist): encrypts `disk` into it, records
+/// `manifest`, manufactures a vTPM, and seals a fresh key-slot secret to `pcrs` of the host
+/// TPM into the helper partition. Returns the bundle id. On failure nothing is left behind.
+pub fn create(
+    path: &Path,
+    host: &HostAccess,
+    pcrs: &[u8],
+    manifest: &VmManifest,
+    disk: DiskSource<'_>,
+) -> Result<String, ProvisionError> {
+    // Check the helper partition and TPM before writing anything.
+    let partition = SealedPartition::open(&host.helper_disk, true)?;
+    let mut host = HostTpm::connect(&host.tcti)?;
+    let secret = new_secret()?;
+    let mut bundle = Bundle::create(path, secret.as_bytes(), manifest, &[], disk)?;
+    let result = (|| {
+        let state = manufacture_vtpm(&launch::vtpm_key_hex(&bundle))?;
+        bundle.write_vtpm_state(&state)?;
+        let sealed = host.seal(&bundle.id(), pcrs, secret.as_bytes())?;
+        partition.put(sealed)?;
+        Ok(bundle.id())
+    })();
+    if result.is_err() {
+        // A bundle whose key was never sealed can never open: do not leave it behind.
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// A fresh key-slot secret: 256 random bits as 64 hex characters (printable, so qemu-img's
+/// `secret,data=` and cryptsetup accept it verbatim).
+pub(crate) fn new_secret() -> Result<Zeroizing<String>, ProvisionError> {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    getrandom::getrandom(&mut raw[..]).map_err(LuksError::Random)?;
+    Ok(Zeroizing::new(hex::encode(&raw[..])))
+}
+
+/// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private directory on
+/// /dev/shm (memory, not persistent storage), its state encrypted with `key_hex`, and
+/// returns swtpm's state blob.
+pub fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, ProvisionError> {
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("sealvm-vtpm-")
+        .tempdir_in(&base)
+        .map_err(file_err(&base))?;
+    let keyfile = dir.path().join("key");
+    let mut f = File::create(&keyfile).map_err(file_err(&keyfile))?;
+    f.write_all(key_hex.as_bytes())
+        .map_err(file_err(&keyfile))?;
+    drop(f);
+    let out = Command::new("swtpm_setup")
+        .args([
+            "--tpm2",
+            "--createek",
+            "--pcr-banks",
+            "sha256",
+            "--overwrite",
+        ])
+        .arg("--tpmstate")
+        .arg(dir.path())
+        .arg("--keyfile")
+        .arg(&keyfile)
+        .output()
+        .map_err(ProvisionError::SwtpmSpawn)?;
+    if !out.status.success() {
+        return Err(ProvisionError::Swtpm(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let state_path = dir.path().join("tpm2-00.permall");
+    std::fs::read(&state_path).map_err(file_err(&state_path))
+}
+
+/// What `bundle inspect` reports; never a key.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    bundle_id: String,
+    luks_version: u16,
+    cipher: String,
+    hash: String,
+    key_bits: u32,
+    payload_offset_sectors: u32,
+    active_key_slots: Vec<usize>,
+    sealed_pcrs: Option<Vec<u8>>,
+    host_trusted: Option<bool>,
+    manifest: Option<VmManifest>,
+    disk_bytes: Option<u64>,
+    vtpm_state_bytes: Option<usize>,
+    vtpm_generation: Option<u64>,
+}
+
+/// Reads the LUKS header and the sealed policy; on a trusted host, opens the bundle to
+/// report the manifest too.
+pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionError> {
+    let file = File::open(path).map_err(file_err(path))?;
+    let header = luks1::read_header(&file)?;
+    let mut out = Inspection {
+        bundle_id: header.uuid.clone(),
+        luks_version: luks1::LUKS_VERSION,
+        cipher: format!("{}-{}", header.cipher_name, header.cipher_mode),
+        hash: header.hash_spec.clone(),
+        key_bits: header.key_bytes * 8,
+        payload_offset_sectors: header.payload_offset,
+        active_key_slots: header
+            .key_slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active)
+            .map(|(i, _)| i)
+            .collect(),
+        sealed_pcrs: None,
+        host_trusted: None,
+        manifest: None,
+        disk_bytes: None,
+        vtpm_state_bytes: None,
+        vtpm_generation: None,
+    };
+    if let Ok(sealed) =
+        SealedPartition::open(&host.helper_disk, false).and_then(|p| p.get(&header.uuid))
+    {
+        out.sealed_pcrs = Some(sealed.pcrs.clone());
+        match launch::attest_and_open(path, &host.helper_disk, &host.tcti, false) {
+            Ok(opened) => {
+                out.host_trusted = Some(true);
+                out.disk_bytes = Some(opened.bundle.disk_bytes());
+                out.vtpm_state_bytes = Some(opened.vtpm_state.len());
+                out.vtpm_generation = Some(opened.bundle.vtpm_generation());
+                out.manifest = Some(opened.manifest);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "manifest not shown: bundle does not open on this host");
+                out.host_trusted = Some(false);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Re-seals the bundle to the host's current PCRs (`pcrs`, or the sealed set) with a new
+/// key-slot secret; the disk is not re-encrypted. Returns the id, PCRs and new key slot.
+pub fn reseal(
+    path: &Path,
+    host: &HostAccess,
+    pcrs: Option<&[u8]>,
+) -> Result<Resealed, ProvisionError> {
+    let partition = SealedPartition::open(&host.helper_disk, true)?;
+    let (old_secret, _, _) = launch::attest_and_unseal(path, &host.helper_disk, &host.tcti)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(file_err(path))?;
+    let (mut header, master_key, old_slot) = luks1::unlock(&file, &old_secret)?;
+    let old_record = partition.get(&header.uuid)?;
+    let pcrs = match pcrs {
+        Some(list) => list.to_vec(),
+        None => old_record.pcrs.clone(),
+    };
+    let secret = new_secret()?;
+    let new_slot = if old_slot == 0 { 1 } else { 0 };
+    // New slot first, then the new sealed record, then drop the old slot: a crash at any
+    // point leaves at least one secret that both opens a slot and is sealed.
+    luks1::set_key_slot(&file, &mut header, &master_key, new_slot, secret.as_bytes())?;
+    let sealed = HostTpm::connect(&host.tcti)?.seal(&header.uuid, &pcrs, secret.as_bytes())?;
+    partition.put(sealed)?;
+    luks1::kill_key_slot(&file, &mut header, old_slot)?;
+    Ok(Resealed {
+        bundle_id: header.uuid.clone(),
+        pcrs,
+        key_slot: new_slot,
+    })
+}
+
+/// Writes the decrypted guest disk to `output` (which must not exist); only on an attested
+/// host.
+pub fn export(path: &Path, host: &HostAccess, output: &Path) -> Result<(), ProvisionError> {
+    let opened = launch::attest_and_open(path, &host.helper_disk, &host.tcti, false)?;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(output)
+        .map_err(file_err(output))?;
+    let chunk = 1u64 << 20;
+    let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
+    let mut offset = 0;
+    while offset < opened.bundle.disk_bytes() {
+        let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
+        opened.bundle.read_disk(offset, &mut buf[..len])?;
+        out.write_all(&buf[..len]).map_err(file_err(output))?;
+        offset += len as u64;
+    }
+    out.sync_all().map_err(file_err(output))?;
+    Ok(())
+}
+
+/// The SHA-256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String, ProvisionError> {
+    let mut file = File::open(path).map_err(file_err(path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(file_err(path))?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// What [`reseal`] did.
+#[derive(Debug, Clone)]
+pub struct Resealed {
+    /// The bundle's id.
+    pub bundle_id: String,
+    /// The PCRs it is sealed to now.
+    pub pcrs: Vec<u8>,
+    /// The key slot that holds the new secret.
+    pub key_slot: usize,
+}
