@@ -1,0 +1,14 @@
+//! sealvm-os: what every sealvm binary needs from the host OS, each done one way.
+//!
+//! [`lock`] takes `flock` locks; [`durable`] replaces files so a crash leaves the old or the
+//! new contents, never a mix, and returns every error (a lost directory sync is an error);
+//! [`socket`] binds unix sockets without ever deleting a file that is not a socket or
+//! stealing a socket that something still serves; [`main_setup`] gives the four binaries
+//! one way to log, print errors and exit. It deliberately holds nothing about VMs, disks or
+//! journals.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod durable;
+pub mod lock;
+pub mod main_setup;
+pub mod socket;
