@@ -3,10 +3,12 @@
 //! gives the bytes to send back.
 
 use crate::exec::{ExecArgs, ExecTable};
+use crate::files::FileTable;
 use crate::fsfreeze;
+use crate::power::{self, SuspendMode};
 use crate::protocol::{encode_error, encode_return, CommandError, ErrorClass, Request, DELIMITER};
-use crate::system;
 use crate::toolkits::{self, Toolkit};
+use crate::{accounts, machine, network, storage, system};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -20,17 +22,72 @@ pub const COMMANDS: &[&str] = &[
     "guest-ping",
     "guest-info",
     "guest-get-osinfo",
+    "guest-get-host-name",
+    "guest-get-timezone",
+    "guest-get-users",
+    "guest-get-time",
+    "guest-set-time",
     "guest-get-fsinfo",
+    "guest-get-disks",
+    "guest-get-diskstats",
+    "guest-get-cpustats",
+    "guest-get-vcpus",
+    "guest-set-vcpus",
+    "guest-get-memory-blocks",
+    "guest-set-memory-blocks",
+    "guest-get-memory-block-info",
+    "guest-network-get-interfaces",
+    "guest-get-devices",
     "guest-fsfreeze-status",
     "guest-fsfreeze-freeze",
     "guest-fsfreeze-freeze-list",
     "guest-fsfreeze-thaw",
+    "guest-fstrim",
     "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
     "guest-exec",
     "guest-exec-status",
+    "guest-file-open",
+    "guest-file-close",
+    "guest-file-read",
+    "guest-file-write",
+    "guest-file-seek",
+    "guest-file-flush",
+    "guest-set-user-password",
+    "guest-ssh-get-authorized-keys",
+    "guest-ssh-add-authorized-keys",
+    "guest-ssh-remove-authorized-keys",
     "sealvm-toolkits",
     "sealvm-heartbeat",
 ];
+
+/// Commands that answer nothing on success (qga's `success-response: false`).
+const NO_SUCCESS_RESPONSE: &[&str] = &[
+    "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
+];
+
+/// Commands that stay enabled while the filesystems are frozen: qga's
+/// `ga_freeze_allowlist`, and sealvm's read-only extensions. Everything else (exec, file
+/// writes, a second freeze) is refused as qga refuses it: disabled, `CommandNotFound`.
+const ALLOWED_WHILE_FROZEN: &[&str] = &[
+    "guest-ping",
+    "guest-info",
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-fsfreeze-status",
+    "guest-fsfreeze-thaw",
+    "sealvm-toolkits",
+    "sealvm-heartbeat",
+];
+
+/// Commands qga offers only on Windows and keeps disabled on Linux; listed so tools see
+/// the same command table, answered as qga answers them.
+const DISABLED_ON_LINUX: &[&str] = &["guest-get-devices"];
 
 /// How the agent behaves.
 #[derive(Debug, Clone)]
@@ -57,7 +114,7 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct FreezeReport {
-    /// `thawed`, `auto-thawed`, `thawed-on-disconnect`, or `failed`.
+    /// `thawed`, `auto-thawed`, or `failed`.
     pub result: String,
     /// Seconds since the epoch when the freeze began.
     pub started_at: u64,
@@ -102,6 +159,7 @@ pub struct Agent {
     config: AgentConfig,
     state: Arc<Mutex<State>>,
     exec: ExecTable,
+    files: FileTable,
     started: Instant,
 }
 
@@ -120,13 +178,6 @@ struct FreezeListArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ShutdownArgs {
-    #[serde(default)]
-    mode: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ExecStatusArgs {
     pid: u32,
 }
@@ -138,6 +189,7 @@ impl Agent {
             config,
             state: Arc::new(Mutex::new(State::default())),
             exec: ExecTable::default(),
+            files: FileTable::default(),
             started: Instant::now(),
         }
     }
@@ -145,17 +197,15 @@ impl Agent {
     /// Answers one request.
     pub fn handle(&self, request: Request) -> Reply {
         let id = request.id.clone();
-        if request.execute == "guest-shutdown" {
-            return match parse::<ShutdownArgs>(&request) {
-                Ok(args) => Reply::Send(encode_error(
-                    &system::shutdown(args.mode.as_deref()),
-                    id.as_ref(),
-                )),
-                Err(e) => Reply::Send(encode_error(&e, id.as_ref())),
-            };
+        let command = request.execute.as_str();
+        let known = COMMANDS.contains(&command);
+        if known && !self.enabled(command) {
+            return Reply::Send(encode_error(&CommandError::disabled(command), id.as_ref()));
         }
+        let silent_on_success = NO_SUCCESS_RESPONSE.contains(&command);
         match self.dispatch(&request) {
-            Ok(value) if request.execute == "guest-sync-delimited" => {
+            Ok(_) if silent_on_success => Reply::Nothing,
+            Ok(value) if command == "guest-sync-delimited" => {
                 let mut bytes = vec![DELIMITER];
                 bytes.extend(encode_return(value, id.as_ref()));
                 Reply::Send(bytes)
@@ -165,18 +215,45 @@ impl Agent {
         }
     }
 
+    /// Whether `command` may run now: qga disables some commands on Linux, and all but a
+    /// few while the filesystems are frozen.
+    fn enabled(&self, command: &str) -> bool {
+        if DISABLED_ON_LINUX.contains(&command) {
+            return false;
+        }
+        self.lock().frozen.is_none() || ALLOWED_WHILE_FROZEN.contains(&command)
+    }
+
     fn dispatch(&self, request: &Request) -> Result<Value, CommandError> {
+        let files = &self.files;
         match request.execute.as_str() {
             "guest-sync" | "guest-sync-delimited" => Ok(json!(parse::<SyncArgs>(request)?.id)),
             "guest-ping" => Ok(json!({})),
             "guest-info" => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "supported_commands": COMMANDS.iter().map(|name| json!({
-                    "name": name, "enabled": true, "success-response": *name != "guest-shutdown",
+                    "name": name,
+                    "enabled": self.enabled(name),
+                    "success-response": !NO_SUCCESS_RESPONSE.contains(name),
                 })).collect::<Vec<_>>(),
             })),
             "guest-get-osinfo" => Ok(system::osinfo()),
-            "guest-get-fsinfo" => system::fsinfo(),
+            "guest-get-host-name" => system::host_name(),
+            "guest-get-timezone" => Ok(system::timezone()),
+            "guest-get-users" => Ok(system::users()),
+            "guest-get-time" => system::time(),
+            "guest-set-time" => system::set_time(parse(request)?),
+            "guest-get-fsinfo" => storage::fsinfo(),
+            "guest-get-disks" => storage::disks(),
+            "guest-get-diskstats" => storage::diskstats(),
+            "guest-fstrim" => storage::fstrim(parse(request)?),
+            "guest-get-cpustats" => machine::cpustats(),
+            "guest-get-vcpus" => machine::vcpus(),
+            "guest-set-vcpus" => machine::set_vcpus(parse(request)?),
+            "guest-get-memory-blocks" => machine::memory_blocks(),
+            "guest-set-memory-blocks" => Ok(machine::set_memory_blocks(parse(request)?)),
+            "guest-get-memory-block-info" => machine::memory_block_info(),
+            "guest-network-get-interfaces" => network::interfaces(),
             "guest-fsfreeze-status" => Ok(json!(if self.lock().frozen.is_some() {
                 "frozen"
             } else {
@@ -188,8 +265,22 @@ impl Agent {
                 self.freeze(args.mountpoints)
             }
             "guest-fsfreeze-thaw" => self.thaw("thawed"),
+            "guest-shutdown" => power::shutdown(parse(request)?).map(|()| Value::Null),
+            "guest-suspend-disk" => power::suspend(SuspendMode::Disk).map(|()| Value::Null),
+            "guest-suspend-ram" => power::suspend(SuspendMode::Ram).map(|()| Value::Null),
+            "guest-suspend-hybrid" => power::suspend(SuspendMode::Hybrid).map(|()| Value::Null),
             "guest-exec" => self.exec.start(parse::<ExecArgs>(request)?),
             "guest-exec-status" => self.exec.status(parse::<ExecStatusArgs>(request)?.pid),
+            "guest-file-open" => files.open(parse(request)?),
+            "guest-file-close" => files.close(parse(request)?),
+            "guest-file-read" => files.read(parse(request)?),
+            "guest-file-write" => files.write(parse(request)?),
+            "guest-file-seek" => files.seek(parse(request)?),
+            "guest-file-flush" => files.flush(parse(request)?),
+            "guest-set-user-password" => accounts::set_user_password(parse(request)?),
+            "guest-ssh-get-authorized-keys" => accounts::get_authorized_keys(parse(request)?),
+            "guest-ssh-add-authorized-keys" => accounts::add_authorized_keys(parse(request)?),
+            "guest-ssh-remove-authorized-keys" => accounts::remove_authorized_keys(parse(request)?),
             "sealvm-toolkits" => Ok(self.toolkits_report()),
             "sealvm-heartbeat" => Ok(self.heartbeat()),
             other => Err(CommandError {
@@ -210,9 +301,9 @@ impl Agent {
     fn freeze(&self, only: Option<Vec<String>>) -> Result<Value, CommandError> {
         let mut state = self.lock();
         if state.frozen.is_some() {
-            return Err(CommandError::generic(
-                "Command guest-fsfreeze-freeze has been disabled: the filesystems are already frozen",
-            ));
+            // handle() refuses a second freeze before it gets here; a freeze racing another
+            // connection's lands here, and gets the same answer.
+            return Err(CommandError::disabled("guest-fsfreeze-freeze"));
         }
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -315,14 +406,6 @@ impl Agent {
         Ok(json!(count))
     }
 
-    /// Thaws if frozen: the host went away and cannot thaw any more.
-    pub fn thaw_on_disconnect(&self) {
-        if self.lock().frozen.is_some() {
-            tracing::warn!("host disconnected while frozen; thawing");
-            let _ = self.thaw("thawed-on-disconnect");
-        }
-    }
-
     fn resume_all(&self, toolkits: &[Toolkit]) {
         for toolkit in toolkits.iter().rev() {
             if let Err(failure) = toolkit.resume(self.config.script_timeout) {
@@ -374,7 +457,7 @@ mod tests {
     use super::*;
 
     fn answer(agent: &Agent, text: &str) -> Value {
-        let request: Request = serde_json::from_str(text).unwrap();
+        let request = Request::from_value(serde_json::from_str(text).unwrap()).unwrap();
         match agent.handle(request) {
             Reply::Send(bytes) => {
                 let start = usize::from(bytes.first() == Some(&DELIMITER));
@@ -412,8 +495,8 @@ mod tests {
     #[test]
     fn sync_delimited_answer_starts_with_the_delimiter() {
         let agent = Agent::new(AgentConfig::default());
-        let request: Request =
-            serde_json::from_str(r#"{"execute":"guest-sync-delimited","arguments":{"id":9}}"#)
+        let request =
+            Request::from_value(json!({"execute":"guest-sync-delimited","arguments":{"id":9}}))
                 .unwrap();
         let Reply::Send(bytes) = agent.handle(request) else {
             panic!()
@@ -518,5 +601,155 @@ mod tests {
         assert_eq!(status["return"], "thawed");
         let heartbeat = super::tests::answer(&agent, r#"{"execute":"sealvm-heartbeat"}"#);
         assert_eq!(heartbeat["return"]["last-freeze"]["result"], "failed");
+    }
+
+    #[test]
+    fn exec_status_answers_at_once_while_a_background_child_holds_the_output() {
+        let agent = Agent::new(AgentConfig::default());
+        let started = answer(
+            &agent,
+            r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 2 & echo started"],"capture-output":true}}"#,
+        );
+        let pid = started["return"]["pid"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let asked = Instant::now();
+        let status = answer(
+            &agent,
+            &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
+        );
+        let ping = answer(&agent, r#"{"execute":"guest-ping"}"#);
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "status and ping took {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(status["return"], json!({"exited": false}));
+        assert_eq!(ping["return"], json!({}));
+        let done = exited(&agent, pid);
+        assert_eq!(done["out-data"], json!("c3RhcnRlZAo=")); // "started\n"
+    }
+
+    #[test]
+    fn exec_capture_modes_merge_or_pick_streams() {
+        let agent = Agent::new(AgentConfig::default());
+        let run = |mode: &str| {
+            let started = answer(
+                &agent,
+                &format!(
+                    r#"{{"execute":"guest-exec","arguments":{{"path":"/bin/sh","arg":["-c","echo o; echo e >&2"],"capture-output":{mode}}}}}"#
+                ),
+            );
+            exited(&agent, started["return"]["pid"].as_u64().unwrap())
+        };
+        let merged = run(r#""merged""#);
+        assert_eq!(merged["out-data"], json!("bwplCg==")); // "o\ne\n"
+        assert!(merged.get("err-data").is_none());
+        let stderr = run(r#""stderr""#);
+        assert!(stderr.get("out-data").is_none());
+        assert_eq!(stderr["err-data"], json!("ZQo="));
+        let none = run("false");
+        assert!(none.get("out-data").is_none() && none.get("err-data").is_none());
+    }
+
+    /// Marks the agent frozen without freezing anything on the machine running the test.
+    fn pretend_frozen(agent: &Agent) {
+        agent.lock().frozen = Some(Frozen {
+            mountpoints: Vec::new(),
+            toolkits: Vec::new(),
+            at: Instant::now(),
+            started_at: 0,
+            generation: 0,
+        });
+    }
+
+    #[test]
+    fn while_frozen_only_qga_allowlisted_commands_run() {
+        let agent = Agent::new(AgentConfig::default());
+        pretend_frozen(&agent);
+        for refused in [
+            r#"{"execute":"guest-exec","arguments":{"path":"/bin/true"},"id":1}"#,
+            r#"{"execute":"guest-file-open","arguments":{"path":"/tmp/x","mode":"w"},"id":1}"#,
+            r#"{"execute":"guest-fsfreeze-freeze","id":1}"#,
+            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/"]},"id":1}"#,
+            r#"{"execute":"guest-set-time","id":1}"#,
+        ] {
+            let got = answer(&agent, refused);
+            assert_eq!(got["error"]["class"], "CommandNotFound", "{refused}: {got}");
+            assert!(
+                got["error"]["desc"]
+                    .as_str()
+                    .unwrap()
+                    .contains("has been disabled"),
+                "{got}"
+            );
+            assert_eq!(got["id"], 1);
+        }
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-ping"}"#)["return"],
+            json!({})
+        );
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
+            "frozen"
+        );
+        let info = answer(&agent, r#"{"execute":"guest-info"}"#);
+        let enabled = |name: &str| {
+            info["return"]["supported_commands"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap()["enabled"]
+                .clone()
+        };
+        assert_eq!(enabled("guest-exec"), false);
+        assert_eq!(enabled("guest-fsfreeze-thaw"), true);
+        answer(&agent, r#"{"execute":"guest-fsfreeze-thaw"}"#);
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
+            "thawed"
+        );
+    }
+
+    #[test]
+    fn commands_qga_disables_on_linux_answer_disabled() {
+        let agent = Agent::new(AgentConfig::default());
+        let got = answer(&agent, r#"{"execute":"guest-get-devices"}"#);
+        assert_eq!(got["error"]["class"], "CommandNotFound");
+        let bad = answer(
+            &agent,
+            r#"{"execute":"guest-shutdown","arguments":{"mode":"explode"},"id":null}"#,
+        );
+        assert_eq!(bad["error"]["class"], "GenericError");
+        assert_eq!(bad["id"], Value::Null);
+        assert!(bad.as_object().unwrap().contains_key("id"));
+    }
+
+    #[test]
+    fn file_commands_round_trip_through_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let agent = Agent::new(AgentConfig::default());
+        let handle = answer(
+            &agent,
+            &format!(
+                r#"{{"execute":"guest-file-open","arguments":{{"path":"{}","mode":"w+"}}}}"#,
+                path.display()
+            ),
+        )["return"]
+            .as_i64()
+            .unwrap();
+        let wrote = answer(
+            &agent,
+            &format!(
+                r#"{{"execute":"guest-file-write","arguments":{{"handle":{handle},"buf-b64":"aGVsbG8="}}}}"#
+            ),
+        );
+        assert_eq!(wrote["return"]["count"], 5);
+        answer(
+            &agent,
+            &format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{handle}}}}}"#),
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
     }
 }

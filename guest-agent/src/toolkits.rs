@@ -357,7 +357,8 @@ fn run_script(
     }
 }
 
-fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+/// A pipe with both ends close-on-exec: (read end, write end).
+pub(crate) fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
     use std::os::unix::io::FromRawFd;
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two descriptors into the two-element array we pass.
