@@ -42,8 +42,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "libvirt-daemon-driver-qemu",
         "libvirt's QEMU driver (a recommends, so named here)",
     ),
-    ("libvirt-daemon-log", "virtlogd, which libvirt's QEMU driver needs"),
-    ("libvirt-clients", "virsh, the client the agent tests drive libvirt with"),
+    (
+        "libvirt-daemon-log",
+        "virtlogd, which libvirt's QEMU driver needs",
+    ),
+    (
+        "libvirt-clients",
+        "virsh, the client the agent tests drive libvirt with",
+    ),
     (
         "python3-venv",
         "a private venv for QEMU's qemu.qmp client in the agent tests",

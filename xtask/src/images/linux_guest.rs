@@ -155,8 +155,8 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
 /// Git keeps only the executable bit, so that is the one permission carried over.
 fn rootfs_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read {}", dir.display()))?
+        for entry in
+            std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?
         {
             let path = entry?.path();
             if path.is_dir() {
