@@ -214,6 +214,107 @@ const RAW_REQUESTS: &[&str] = &[
     r#"[1,2]"#,
 ];
 
+/// The qemu.qmp release the client comparison installs from PyPI.
+const QEMU_QMP: &str = "qemu.qmp==0.0.6";
+
+/// What QEMU's qemu-ga-client does, over the same library (qemu.qmp's legacy
+/// `QEMUMonitorProtocol`, connected without negotiation): one connection per command, as
+/// the client makes, for ping, sync, info, fsfreeze status/freeze/thaw, fstrim, ifconfig
+/// (guest-network-get-interfaces) and cat (guest-file-open/read/close). Prints each
+/// command's result (or the exception qemu.qmp raised) as one JSON object.
+const QMP_CLIENT_SCRIPT: &str = r#"
+import base64, json, sys
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+address = sys.argv[1]
+results = {}
+
+def step(name, run):
+    qga = QEMUMonitorProtocol(address)
+    qga.connect(negotiate=False)
+    qga.settimeout(30)
+    try:
+        results[name] = {"return": run(qga)}
+    except Exception as error:
+        results[name] = {"exception": type(error).__name__}
+    finally:
+        qga.close()
+
+def cat(qga):
+    handle = qga.cmd("guest-file-open", path="/etc/passwd")
+    data, eof = b"", False
+    while not eof:
+        read = qga.cmd("guest-file-read", handle=handle, count=1024)
+        data += base64.b64decode(read["buf-b64"])
+        eof = read["eof"]
+    qga.cmd("guest-file-close", handle=handle)
+    return data.decode()
+
+step("ping", lambda q: q.cmd("guest-ping"))
+step("sync", lambda q: q.cmd("guest-sync", id=123456789))
+step("info", lambda q: sorted(c["name"] for c in q.cmd("guest-info")["supported_commands"]))
+step("fsfreeze-status", lambda q: q.cmd("guest-fsfreeze-status"))
+step("fsfreeze-freeze", lambda q: q.cmd("guest-fsfreeze-freeze"))
+step("fsfreeze-status-frozen", lambda q: q.cmd("guest-fsfreeze-status"))
+step("fsfreeze-thaw", lambda q: q.cmd("guest-fsfreeze-thaw"))
+step("fstrim", lambda q: q.cmd("guest-fstrim", minimum=0))
+step("ifconfig", lambda q: q.cmd("guest-network-get-interfaces"))
+step("cat", cat)
+step("unknown", lambda q: q.cmd("guest-no-such-command"))
+print(json.dumps(results))
+"#;
+
+/// A venv with [`QEMU_QMP`] under the test's scratch directory, made once; `Err` says
+/// why there is none (no python3-venv, PyPI out of reach).
+fn qemu_qmp_python() -> Result<std::path::PathBuf, String> {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qemu-qmp-0.0.6");
+    let python = venv.join("bin").join("python3");
+    let ready = venv.join("installed");
+    if ready.exists() {
+        return Ok(python);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !made.status.success() {
+        return Err(format!(
+            "python3 -m venv failed (python3-venv missing?): {}",
+            String::from_utf8_lossy(&made.stderr)
+        ));
+    }
+    let pip = Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--quiet", QEMU_QMP])
+        .output()
+        .map_err(|e| format!("pip: {e}"))?;
+    if !pip.status.success() {
+        return Err(format!(
+            "pip install {QEMU_QMP} failed (is PyPI reachable?): {}",
+            String::from_utf8_lossy(&pip.stderr)
+        ));
+    }
+    std::fs::write(&ready, QEMU_QMP).map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
+/// Runs [`QMP_CLIENT_SCRIPT`] against the agent at `socket`.
+fn qmp_client(python: &Path, socket: &Path) -> Value {
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(QMP_CLIENT_SCRIPT)
+        .arg(socket)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "qemu.qmp client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client prints JSON")
+}
+
 #[test]
 fn sealvm_agent_answers_like_qemu_guest_agent() {
     let images = Workspace::locate().linux_guest().expect("guest images");
@@ -246,6 +347,13 @@ fn sealvm_agent_answers_like_qemu_guest_agent() {
     let qemu_ga = session(&theirs);
     let sealvm_raw = raw_exchange(&ours, RAW_REQUESTS);
     let qemu_ga_raw = raw_exchange(&theirs, RAW_REQUESTS);
+    let clients = match qemu_qmp_python() {
+        Ok(python) => Some((qmp_client(&python, &ours), qmp_client(&python, &theirs))),
+        Err(why) => {
+            eprintln!("skipped: the qemu.qmp client comparison: {why}");
+            None
+        }
+    };
     let (log, _) = guest.run("cat /tmp/qemu-ga.log").unwrap();
 
     for (step, theirs) in &qemu_ga {
@@ -315,14 +423,11 @@ fn sealvm_agent_answers_like_qemu_guest_agent() {
             .collect()
     };
     let ours = names(&sealvm["info"]);
-    let missing: Vec<&(String, bool)> = names(&qemu_ga["info"])
-        .iter()
-        .filter(|(name, _)| !ours.iter().any(|(n, _)| n == name))
-        .filter(|(name, _)| !MISSING_ON_PURPOSE.iter().any(|(m, _)| m == name))
-        .cloned()
-        .collect::<Vec<_>>()
-        .leak()
-        .iter()
+    let missing: Vec<String> = names(&qemu_ga["info"])
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !ours.iter().any(|(n, _)| n == name))
+        .filter(|name| !MISSING_ON_PURPOSE.iter().any(|(m, _)| m == name))
         .collect();
     assert!(
         missing.is_empty(),
@@ -347,6 +452,48 @@ fn sealvm_agent_answers_like_qemu_guest_agent() {
         names(&qemu_ga["info"]).len(),
         ours.len()
     );
+    if let Some((sealvm_client, qemu_ga_client)) = &clients {
+        let steps = qemu_ga_client.as_object().unwrap();
+        for (step, theirs) in steps {
+            let ours = &sealvm_client[step];
+            assert_eq!(
+                shape(ours),
+                shape(theirs),
+                "qemu.qmp client, {step}: sealvm-agent {ours} vs qemu-ga {theirs}"
+            );
+        }
+        for step in [
+            "ping",
+            "sync",
+            "fsfreeze-status",
+            "fsfreeze-freeze",
+            "fsfreeze-status-frozen",
+            "fsfreeze-thaw",
+            "cat",
+            "unknown",
+        ] {
+            assert_eq!(
+                sealvm_client[step], qemu_ga_client[step],
+                "qemu.qmp client, {step}"
+            );
+        }
+        // Every command qemu-ga has, sealvm-agent has (it adds its own two).
+        let theirs: Vec<&Value> = qemu_ga_client["info"]["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect();
+        for name in theirs {
+            assert!(
+                sealvm_client["info"]["return"]
+                    .as_array()
+                    .unwrap()
+                    .contains(name),
+                "{name}"
+            );
+        }
+        eprintln!("qemu.qmp client: {} commands compared", steps.len());
+    }
     // The same commands enabled (qga disables some on Linux).
     for (name, enabled) in names(&qemu_ga["info"]) {
         if let Some((_, ours_enabled)) = ours.iter().find(|(n, _)| *n == name) {
