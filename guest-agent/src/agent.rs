@@ -110,30 +110,71 @@ impl Default for AgentConfig {
     }
 }
 
-/// The result of the last freeze, for the heartbeat.
+/// A freeze as the heartbeat reports it: the one under way (`current-freeze`) or the last
+/// one (`last-freeze`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct FreezeReport {
-    /// `thawed`, `auto-thawed`, or `failed`.
+    /// `frozen` (under way), `thawed`, `auto-thawed`, `nothing-frozen` (no filesystem
+    /// could be frozen) or `failed`.
     pub result: String,
     /// Seconds since the epoch when the freeze began.
     pub started_at: u64,
-    /// Freeze to thaw, in milliseconds (0 when the freeze failed).
+    /// Freeze to thaw, in milliseconds (0 while frozen or when the freeze failed).
     pub window_ms: u64,
     /// Filesystems frozen.
     pub filesystems: usize,
     /// Toolkits that quiesced.
     pub toolkits: Vec<String>,
-    /// What failed, when something did.
+    /// Every detected toolkit and what its quiesce step did.
+    pub toolkit_results: Vec<ToolkitResult>,
+    /// True only when at least one application was detected and every detected toolkit
+    /// quiesced: the frozen image is then application-consistent, otherwise only
+    /// crash-consistent.
+    pub application_consistent: bool,
+    /// What failed, when the freeze itself did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// What one detected toolkit's quiesce step did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ToolkitResult {
+    /// The toolkit.
+    pub name: String,
+    /// `quiesced` or `failed`.
+    pub result: String,
+    /// Why it failed (the script's status and output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl FreezeReport {
+    fn new(started_at: u64, results: Vec<ToolkitResult>) -> Self {
+        let toolkits = results
+            .iter()
+            .filter(|r| r.result == "quiesced")
+            .map(|r| r.name.clone())
+            .collect::<Vec<_>>();
+        FreezeReport {
+            result: "frozen".into(),
+            started_at,
+            window_ms: 0,
+            filesystems: 0,
+            application_consistent: !results.is_empty() && toolkits.len() == results.len(),
+            toolkits,
+            toolkit_results: results,
+            error: None,
+        }
+    }
 }
 
 struct Frozen {
     mountpoints: Vec<PathBuf>,
     toolkits: Vec<Toolkit>,
+    report: FreezeReport,
     at: Instant,
-    started_at: u64,
     generation: u64,
 }
 
@@ -298,6 +339,9 @@ impl Agent {
     }
 
     /// Quiesces detected applications, then freezes the filesystems; returns the count.
+    /// As with qemu-ga, the freeze does not depend on the applications: a toolkit that
+    /// fails to quiesce is reported (the image is then only crash-consistent) and the
+    /// filesystems freeze all the same.
     fn freeze(&self, only: Option<Vec<String>>) -> Result<Value, CommandError> {
         let mut state = self.lock();
         if state.frozen.is_some() {
@@ -308,22 +352,18 @@ impl Agent {
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut report = FreezeReport {
-            result: "failed".into(),
-            started_at,
-            window_ms: 0,
-            filesystems: 0,
-            toolkits: Vec::new(),
-            error: None,
-        };
         let fail = |state: &mut State, mut report: FreezeReport, error: CommandError| {
+            report.result = "failed".into();
             report.error = Some(error.desc.clone());
             state.last_freeze = Some(report);
             Err(error)
         };
         let mountpoints = match fsfreeze::candidates(only.as_deref()) {
             Ok(m) => m,
-            Err(e) => return fail(&mut state, report, CommandError::generic(e.to_string())),
+            Err(e) => {
+                let report = FreezeReport::new(started_at, Vec::new());
+                return fail(&mut state, report, CommandError::generic(e.to_string()));
+            }
         };
         let system = toolkits::SystemView::read();
         let detected: Vec<Toolkit> = toolkits::all(&self.config.toolkits_dir)
@@ -331,18 +371,28 @@ impl Agent {
             .filter(|t| t.detected(&system))
             .collect();
         let mut quiesced: Vec<Toolkit> = Vec::new();
+        let mut results = Vec::new();
         for toolkit in detected {
-            if let Err(failure) = toolkit.quiesce(self.config.script_timeout) {
-                tracing::warn!(toolkit = %toolkit.name, "quiesce failed; freeze aborted");
-                self.resume_all(&quiesced);
-                return fail(
-                    &mut state,
-                    report,
-                    CommandError::generic(failure.to_string()),
-                );
+            match toolkit.quiesce(self.config.script_timeout) {
+                Ok(()) => {
+                    results.push(ToolkitResult {
+                        name: toolkit.name.clone(),
+                        result: "quiesced".into(),
+                        error: None,
+                    });
+                    quiesced.push(toolkit);
+                }
+                Err(failure) => {
+                    tracing::warn!(%failure, "quiesce failed; the freeze is crash-consistent only");
+                    results.push(ToolkitResult {
+                        name: toolkit.name.clone(),
+                        result: "failed".into(),
+                        error: Some(failure.to_string()),
+                    });
+                }
             }
-            quiesced.push(toolkit);
         }
+        let mut report = FreezeReport::new(started_at, results);
         let frozen = match fsfreeze::freeze(&mountpoints) {
             Ok(frozen) => frozen,
             Err(e) => {
@@ -351,15 +401,27 @@ impl Agent {
             }
         };
         let count = frozen.len();
+        report.filesystems = count;
+        tracing::info!(
+            filesystems = count,
+            toolkits = ?report.toolkits,
+            application_consistent = report.application_consistent,
+            "frozen"
+        );
+        if count == 0 {
+            // As qga: nothing frozen leaves the status "thawed", and nothing to thaw.
+            self.resume_all(&quiesced);
+            report.result = "nothing-frozen".into();
+            state.last_freeze = Some(report);
+            return Ok(json!(0));
+        }
         state.generation += 1;
         let generation = state.generation;
-        report.toolkits = quiesced.iter().map(|t| t.name.clone()).collect();
-        tracing::info!(filesystems = count, toolkits = ?report.toolkits, "frozen");
         state.frozen = Some(Frozen {
             mountpoints: frozen,
             toolkits: quiesced,
+            report,
             at: Instant::now(),
-            started_at,
             generation,
         });
         drop(state);
@@ -395,14 +457,10 @@ impl Agent {
         let window = frozen.at.elapsed();
         self.resume_all(&frozen.toolkits);
         tracing::info!(result, window_ms = window.as_millis() as u64, "thawed");
-        state.last_freeze = Some(FreezeReport {
-            result: result.into(),
-            started_at: frozen.started_at,
-            window_ms: window.as_millis() as u64,
-            filesystems: frozen.mountpoints.len(),
-            toolkits: frozen.toolkits.iter().map(|t| t.name.clone()).collect(),
-            error: None,
-        });
+        let mut report = frozen.report;
+        report.result = result.into();
+        report.window_ms = window.as_millis() as u64;
+        state.last_freeze = Some(report);
         Ok(json!(count))
     }
 
@@ -438,6 +496,7 @@ impl Agent {
             "uptime-seconds": uptime,
             "agent-uptime-seconds": self.started.elapsed().as_secs_f64(),
             "frozen": state.frozen.is_some(),
+            "current-freeze": state.frozen.as_ref().map(|f| &f.report),
             "last-freeze": state.last_freeze,
             "version": env!("CARGO_PKG_VERSION"),
         })
@@ -568,7 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn failing_toolkit_aborts_the_freeze_and_names_the_script() {
+    fn a_failing_toolkit_is_reported_and_makes_the_freeze_crash_consistent_only() {
         let dir = tempfile::tempdir().unwrap();
         let kit = dir.path().join("broken-app");
         std::fs::create_dir(&kit).unwrap();
@@ -584,23 +643,46 @@ mod tests {
             toolkits_dir: dir.path().to_path_buf(),
             ..AgentConfig::default()
         });
-        // Freeze only a mountpoint list that exists so nothing on the host really freezes:
-        // the toolkit fails first.
+        // /proc cannot be frozen (EOPNOTSUPP, skipped), so nothing on the machine running
+        // the test freezes: the freeze goes through the toolkits and freezes nothing.
         let answer = answer(
             &agent,
-            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/"]}}"#,
+            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/proc"]}}"#,
         );
-        let desc = answer["error"]["desc"].as_str().unwrap();
-        assert!(
-            desc.contains("broken-app")
-                && desc.contains("quiesce")
-                && desc.contains("cannot-quiesce"),
-            "{desc}"
-        );
+        assert_eq!(answer["return"], 0, "{answer}");
         let status = super::tests::answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#);
         assert_eq!(status["return"], "thawed");
         let heartbeat = super::tests::answer(&agent, r#"{"execute":"sealvm-heartbeat"}"#);
-        assert_eq!(heartbeat["return"]["last-freeze"]["result"], "failed");
+        let last = &heartbeat["return"]["last-freeze"];
+        assert_eq!(last["result"], "nothing-frozen");
+        assert_eq!(last["application-consistent"], false);
+        let broken = last["toolkit-results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "broken-app")
+            .cloned()
+            .unwrap();
+        assert_eq!(broken["result"], "failed");
+        let error = broken["error"].as_str().unwrap();
+        assert!(
+            error.contains("quiesce") && error.contains("cannot-quiesce"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_freeze_is_application_consistent_only_when_every_detected_toolkit_quiesced() {
+        let result = |name: &str, ok: bool| ToolkitResult {
+            name: name.into(),
+            result: if ok { "quiesced" } else { "failed" }.into(),
+            error: None,
+        };
+        assert!(!FreezeReport::new(0, Vec::new()).application_consistent);
+        assert!(FreezeReport::new(0, vec![result("a", true)]).application_consistent);
+        let mixed = FreezeReport::new(0, vec![result("a", true), result("b", false)]);
+        assert!(!mixed.application_consistent);
+        assert_eq!(mixed.toolkits, ["a"]);
     }
 
     #[test]
@@ -656,8 +738,8 @@ mod tests {
         agent.lock().frozen = Some(Frozen {
             mountpoints: Vec::new(),
             toolkits: Vec::new(),
+            report: FreezeReport::new(0, Vec::new()),
             at: Instant::now(),
-            started_at: 0,
             generation: 0,
         });
     }
