@@ -85,6 +85,34 @@ const ALLOWED_WHILE_FROZEN: &[&str] = &[
     "sealvm-heartbeat",
 ];
 
+/// Commands that take no arguments: qga refuses any argument given to them.
+const NO_ARGUMENTS: &[&str] = &[
+    "guest-ping",
+    "guest-info",
+    "guest-get-osinfo",
+    "guest-get-host-name",
+    "guest-get-timezone",
+    "guest-get-users",
+    "guest-get-time",
+    "guest-get-fsinfo",
+    "guest-get-disks",
+    "guest-get-diskstats",
+    "guest-get-cpustats",
+    "guest-get-vcpus",
+    "guest-get-memory-blocks",
+    "guest-get-memory-block-info",
+    "guest-network-get-interfaces",
+    "guest-get-devices",
+    "guest-fsfreeze-status",
+    "guest-fsfreeze-freeze",
+    "guest-fsfreeze-thaw",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
+    "sealvm-toolkits",
+    "sealvm-heartbeat",
+];
+
 /// Commands qga offers only on Windows and keeps disabled on Linux; listed so tools see
 /// the same command table, answered as qga answers them.
 const DISABLED_ON_LINUX: &[&str] = &["guest-get-devices"];
@@ -242,6 +270,17 @@ impl Agent {
         let known = COMMANDS.contains(&command);
         if known && !self.enabled(command) {
             return Reply::Send(encode_error(&CommandError::disabled(command), id.as_ref()));
+        }
+        if NO_ARGUMENTS.contains(&command) {
+            if let Some(name) = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.as_object())
+                .and_then(|a| a.keys().next())
+            {
+                let error = CommandError::generic(format!("Parameter '{name}' is unexpected"));
+                return Reply::Send(encode_error(&error, id.as_ref()));
+            }
         }
         let silent_on_success = NO_SUCCESS_RESPONSE.contains(&command);
         match self.dispatch(&request) {
@@ -549,6 +588,8 @@ mod tests {
         assert_eq!(unknown["error"]["class"], "CommandNotFound");
         let bad_args = answer(&agent, r#"{"execute":"guest-sync","arguments":{"id":"x"}}"#);
         assert_eq!(bad_args["error"]["class"], "GenericError");
+        let unexpected = answer(&agent, r#"{"execute":"guest-ping","arguments":{"pad":1}}"#);
+        assert_eq!(unexpected["error"]["desc"], "Parameter 'pad' is unexpected");
     }
 
     #[test]

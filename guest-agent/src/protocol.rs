@@ -273,6 +273,16 @@ impl Decoder {
                         None,
                     ))
                 }
+                Scanned::Complete(end) if end > MAX_MESSAGE_LEN => {
+                    self.buffer.drain(..end);
+                    self.scan = Scan::default();
+                    Some(Decoded::Invalid(
+                        CommandError::generic(format!(
+                            "JSON token size limit exceeded (over {MAX_MESSAGE_LEN} bytes)"
+                        )),
+                        None,
+                    ))
+                }
                 Scanned::Complete(end) => {
                     let message: Vec<u8> = self.buffer.drain(..end).collect();
                     self.scan = Scan::default();
@@ -426,6 +436,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_whole_message_over_the_limit_is_refused_even_when_it_arrives_at_once() {
+        let mut d = Decoder::default();
+        let mut big = br#"{"execute":"guest-ping","arguments":{"x":""#.to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_MESSAGE_LEN));
+        big.extend(br#""}}{"execute":"guest-ping"}"#);
+        d.push(&big);
+        let got = requests(&mut d);
+        assert!(
+            matches!(&got[0], Decoded::Invalid(e, _) if e.desc.contains("limit exceeded")),
+            "{:?}",
+            got.first().map(|g| matches!(g, Decoded::Request(_)))
+        );
+        assert!(matches!(&got[1], Decoded::Request(r) if r.execute == "guest-ping"));
     }
 
     #[test]

@@ -211,6 +211,7 @@ const RAW_REQUESTS: &[&str] = &[
     r#"{"arguments":{},"id":8}"#,
     r#"{"execute":"guest-ping","arguments":[],"id":9}"#,
     r#"{"execute":"guest-no-such-command","id":10}"#,
+    r#"{"execute":"guest-ping","arguments":{"pad":1},"id":11}"#,
     r#"[1,2]"#,
 ];
 
