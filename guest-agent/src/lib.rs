@@ -9,8 +9,10 @@
 pub mod accounts;
 pub mod agent;
 pub mod client;
+pub mod command_table;
 pub mod exec;
 pub mod files;
+pub mod freeze;
 pub mod fsfreeze;
 pub mod machine;
 pub mod network;
