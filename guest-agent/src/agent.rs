@@ -1,36 +1,25 @@
-//! The agent's state and its command table: what each qemu-guest-agent command (and each
-//! `sealvm-` extension) does. Transport-free: [`Agent::handle`] takes a decoded request and
+//! The agent's state and its dispatch: which module answers each qemu-guest-agent command
+//! (and each `sealvm-` extension), and the gating qga applies around them (see
+//! [`crate::command_table`]). Transport-free: [`Agent::handle`] takes a decoded request and
 //! gives the bytes to send back.
 
+pub use crate::command_table::COMMANDS;
+use crate::command_table::{
+    ALLOWED_WHILE_FROZEN, DISABLED_ON_LINUX, NO_ARGUMENTS, NO_SUCCESS_RESPONSE,
+};
 use crate::exec::{ExecArgs, ExecTable};
-use crate::fsfreeze;
+use crate::files::FileTable;
+use crate::freeze::Frozen;
+pub use crate::freeze::{FreezeReport, ToolkitResult};
+use crate::power::{self, SuspendMode};
 use crate::protocol::{encode_error, encode_return, CommandError, ErrorClass, Request, DELIMITER};
-use crate::system;
-use crate::toolkits::{self, Toolkit};
-use serde::{Deserialize, Serialize};
+use crate::toolkits;
+use crate::{accounts, machine, network, storage, system};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// The commands the agent answers, as guest-info lists them.
-pub const COMMANDS: &[&str] = &[
-    "guest-sync",
-    "guest-sync-delimited",
-    "guest-ping",
-    "guest-info",
-    "guest-get-osinfo",
-    "guest-get-fsinfo",
-    "guest-fsfreeze-status",
-    "guest-fsfreeze-freeze",
-    "guest-fsfreeze-freeze-list",
-    "guest-fsfreeze-thaw",
-    "guest-shutdown",
-    "guest-exec",
-    "guest-exec-status",
-    "sealvm-toolkits",
-    "sealvm-heartbeat",
-];
+use std::time::{Duration, Instant};
 
 /// How the agent behaves.
 #[derive(Debug, Clone)]
@@ -53,38 +42,11 @@ impl Default for AgentConfig {
     }
 }
 
-/// The result of the last freeze, for the heartbeat.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct FreezeReport {
-    /// `thawed`, `auto-thawed`, `thawed-on-disconnect`, or `failed`.
-    pub result: String,
-    /// Seconds since the epoch when the freeze began.
-    pub started_at: u64,
-    /// Freeze to thaw, in milliseconds (0 when the freeze failed).
-    pub window_ms: u64,
-    /// Filesystems frozen.
-    pub filesystems: usize,
-    /// Toolkits that quiesced.
-    pub toolkits: Vec<String>,
-    /// What failed, when something did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-struct Frozen {
-    mountpoints: Vec<PathBuf>,
-    toolkits: Vec<Toolkit>,
-    at: Instant,
-    started_at: u64,
-    generation: u64,
-}
-
 #[derive(Default)]
-struct State {
-    frozen: Option<Frozen>,
-    last_freeze: Option<FreezeReport>,
-    generation: u64,
+pub(crate) struct State {
+    pub(crate) frozen: Option<Frozen>,
+    pub(crate) last_freeze: Option<FreezeReport>,
+    pub(crate) generation: u64,
 }
 
 /// What to send back for one request.
@@ -99,9 +61,10 @@ pub enum Reply {
 /// The agent: shared by the transport loop and the auto-thaw timer.
 #[derive(Clone)]
 pub struct Agent {
-    config: AgentConfig,
+    pub(crate) config: AgentConfig,
     state: Arc<Mutex<State>>,
     exec: ExecTable,
+    files: FileTable,
     started: Instant,
 }
 
@@ -120,13 +83,6 @@ struct FreezeListArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ShutdownArgs {
-    #[serde(default)]
-    mode: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ExecStatusArgs {
     pid: u32,
 }
@@ -138,6 +94,7 @@ impl Agent {
             config,
             state: Arc::new(Mutex::new(State::default())),
             exec: ExecTable::default(),
+            files: FileTable::default(),
             started: Instant::now(),
         }
     }
@@ -145,17 +102,26 @@ impl Agent {
     /// Answers one request.
     pub fn handle(&self, request: Request) -> Reply {
         let id = request.id.clone();
-        if request.execute == "guest-shutdown" {
-            return match parse::<ShutdownArgs>(&request) {
-                Ok(args) => Reply::Send(encode_error(
-                    &system::shutdown(args.mode.as_deref()),
-                    id.as_ref(),
-                )),
-                Err(e) => Reply::Send(encode_error(&e, id.as_ref())),
-            };
+        let command = request.execute.as_str();
+        let known = COMMANDS.contains(&command);
+        if known && !self.enabled(command) {
+            return Reply::Send(encode_error(&CommandError::disabled(command), id.as_ref()));
         }
+        if NO_ARGUMENTS.contains(&command) {
+            if let Some(name) = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.as_object())
+                .and_then(|a| a.keys().next())
+            {
+                let error = CommandError::generic(format!("Parameter '{name}' is unexpected"));
+                return Reply::Send(encode_error(&error, id.as_ref()));
+            }
+        }
+        let silent_on_success = NO_SUCCESS_RESPONSE.contains(&command);
         match self.dispatch(&request) {
-            Ok(value) if request.execute == "guest-sync-delimited" => {
+            Ok(_) if silent_on_success => Reply::Nothing,
+            Ok(value) if command == "guest-sync-delimited" => {
                 let mut bytes = vec![DELIMITER];
                 bytes.extend(encode_return(value, id.as_ref()));
                 Reply::Send(bytes)
@@ -165,18 +131,45 @@ impl Agent {
         }
     }
 
+    /// Whether `command` may run now: qga disables some commands on Linux, and all but a
+    /// few while the filesystems are frozen.
+    fn enabled(&self, command: &str) -> bool {
+        if DISABLED_ON_LINUX.contains(&command) {
+            return false;
+        }
+        self.lock().frozen.is_none() || ALLOWED_WHILE_FROZEN.contains(&command)
+    }
+
     fn dispatch(&self, request: &Request) -> Result<Value, CommandError> {
+        let files = &self.files;
         match request.execute.as_str() {
             "guest-sync" | "guest-sync-delimited" => Ok(json!(parse::<SyncArgs>(request)?.id)),
             "guest-ping" => Ok(json!({})),
             "guest-info" => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "supported_commands": COMMANDS.iter().map(|name| json!({
-                    "name": name, "enabled": true, "success-response": *name != "guest-shutdown",
+                    "name": name,
+                    "enabled": self.enabled(name),
+                    "success-response": !NO_SUCCESS_RESPONSE.contains(name),
                 })).collect::<Vec<_>>(),
             })),
             "guest-get-osinfo" => Ok(system::osinfo()),
-            "guest-get-fsinfo" => system::fsinfo(),
+            "guest-get-host-name" => system::host_name(),
+            "guest-get-timezone" => Ok(system::timezone()),
+            "guest-get-users" => Ok(system::users()),
+            "guest-get-time" => system::time(),
+            "guest-set-time" => system::set_time(parse(request)?),
+            "guest-get-fsinfo" => storage::fsinfo(),
+            "guest-get-disks" => storage::disks(),
+            "guest-get-diskstats" => storage::diskstats(),
+            "guest-fstrim" => storage::fstrim(parse(request)?),
+            "guest-get-cpustats" => machine::cpustats(),
+            "guest-get-vcpus" => machine::vcpus(),
+            "guest-set-vcpus" => machine::set_vcpus(parse(request)?),
+            "guest-get-memory-blocks" => machine::memory_blocks(),
+            "guest-set-memory-blocks" => Ok(machine::set_memory_blocks(parse(request)?)),
+            "guest-get-memory-block-info" => machine::memory_block_info(),
+            "guest-network-get-interfaces" => network::interfaces(),
             "guest-fsfreeze-status" => Ok(json!(if self.lock().frozen.is_some() {
                 "frozen"
             } else {
@@ -188,8 +181,22 @@ impl Agent {
                 self.freeze(args.mountpoints)
             }
             "guest-fsfreeze-thaw" => self.thaw("thawed"),
+            "guest-shutdown" => power::shutdown(parse(request)?).map(|()| Value::Null),
+            "guest-suspend-disk" => power::suspend(SuspendMode::Disk).map(|()| Value::Null),
+            "guest-suspend-ram" => power::suspend(SuspendMode::Ram).map(|()| Value::Null),
+            "guest-suspend-hybrid" => power::suspend(SuspendMode::Hybrid).map(|()| Value::Null),
             "guest-exec" => self.exec.start(parse::<ExecArgs>(request)?),
             "guest-exec-status" => self.exec.status(parse::<ExecStatusArgs>(request)?.pid),
+            "guest-file-open" => files.open(parse(request)?),
+            "guest-file-close" => files.close(parse(request)?),
+            "guest-file-read" => files.read(parse(request)?),
+            "guest-file-write" => files.write(parse(request)?),
+            "guest-file-seek" => files.seek(parse(request)?),
+            "guest-file-flush" => files.flush(parse(request)?),
+            "guest-set-user-password" => accounts::set_user_password(parse(request)?),
+            "guest-ssh-get-authorized-keys" => accounts::get_authorized_keys(parse(request)?),
+            "guest-ssh-add-authorized-keys" => accounts::add_authorized_keys(parse(request)?),
+            "guest-ssh-remove-authorized-keys" => accounts::remove_authorized_keys(parse(request)?),
             "sealvm-toolkits" => Ok(self.toolkits_report()),
             "sealvm-heartbeat" => Ok(self.heartbeat()),
             other => Err(CommandError {
@@ -199,136 +206,11 @@ impl Agent {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data; keep serving.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Quiesces detected applications, then freezes the filesystems; returns the count.
-    fn freeze(&self, only: Option<Vec<String>>) -> Result<Value, CommandError> {
-        let mut state = self.lock();
-        if state.frozen.is_some() {
-            return Err(CommandError::generic(
-                "Command guest-fsfreeze-freeze has been disabled: the filesystems are already frozen",
-            ));
-        }
-        let started_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut report = FreezeReport {
-            result: "failed".into(),
-            started_at,
-            window_ms: 0,
-            filesystems: 0,
-            toolkits: Vec::new(),
-            error: None,
-        };
-        let fail = |state: &mut State, mut report: FreezeReport, error: CommandError| {
-            report.error = Some(error.desc.clone());
-            state.last_freeze = Some(report);
-            Err(error)
-        };
-        let mountpoints = match fsfreeze::candidates(only.as_deref()) {
-            Ok(m) => m,
-            Err(e) => return fail(&mut state, report, CommandError::generic(e.to_string())),
-        };
-        let system = toolkits::SystemView::read();
-        let detected: Vec<Toolkit> = toolkits::all(&self.config.toolkits_dir)
-            .into_iter()
-            .filter(|t| t.detected(&system))
-            .collect();
-        let mut quiesced: Vec<Toolkit> = Vec::new();
-        for toolkit in detected {
-            if let Err(failure) = toolkit.quiesce(self.config.script_timeout) {
-                tracing::warn!(toolkit = %toolkit.name, "quiesce failed; freeze aborted");
-                self.resume_all(&quiesced);
-                return fail(
-                    &mut state,
-                    report,
-                    CommandError::generic(failure.to_string()),
-                );
-            }
-            quiesced.push(toolkit);
-        }
-        let frozen = match fsfreeze::freeze(&mountpoints) {
-            Ok(frozen) => frozen,
-            Err(e) => {
-                self.resume_all(&quiesced);
-                return fail(&mut state, report, CommandError::generic(e.to_string()));
-            }
-        };
-        let count = frozen.len();
-        state.generation += 1;
-        let generation = state.generation;
-        report.toolkits = quiesced.iter().map(|t| t.name.clone()).collect();
-        tracing::info!(filesystems = count, toolkits = ?report.toolkits, "frozen");
-        state.frozen = Some(Frozen {
-            mountpoints: frozen,
-            toolkits: quiesced,
-            at: Instant::now(),
-            started_at,
-            generation,
-        });
-        drop(state);
-        let agent = self.clone();
-        let timeout = self.config.freeze_timeout;
-        std::thread::spawn(move || {
-            std::thread::sleep(timeout);
-            let still_frozen = agent
-                .lock()
-                .frozen
-                .as_ref()
-                .is_some_and(|f| f.generation == generation);
-            if still_frozen {
-                tracing::warn!(
-                    timeout_s = timeout.as_secs(),
-                    "freeze not thawed in time; thawing"
-                );
-                let _ = agent.thaw("auto-thawed");
-            }
-        });
-        Ok(json!(count))
-    }
-
-    /// Thaws what this agent froze (or, when it froze nothing, any frozen filesystem), then
-    /// resumes the quiesced applications; returns the count thawed.
-    fn thaw(&self, result: &str) -> Result<Value, CommandError> {
-        let mut state = self.lock();
-        let Some(frozen) = state.frozen.take() else {
-            let count = fsfreeze::thaw_all().map_err(|e| CommandError::generic(e.to_string()))?;
-            return Ok(json!(count));
-        };
-        let count = fsfreeze::thaw(&frozen.mountpoints);
-        let window = frozen.at.elapsed();
-        self.resume_all(&frozen.toolkits);
-        tracing::info!(result, window_ms = window.as_millis() as u64, "thawed");
-        state.last_freeze = Some(FreezeReport {
-            result: result.into(),
-            started_at: frozen.started_at,
-            window_ms: window.as_millis() as u64,
-            filesystems: frozen.mountpoints.len(),
-            toolkits: frozen.toolkits.iter().map(|t| t.name.clone()).collect(),
-            error: None,
-        });
-        Ok(json!(count))
-    }
-
-    /// Thaws if frozen: the host went away and cannot thaw any more.
-    pub fn thaw_on_disconnect(&self) {
-        if self.lock().frozen.is_some() {
-            tracing::warn!("host disconnected while frozen; thawing");
-            let _ = self.thaw("thawed-on-disconnect");
-        }
-    }
-
-    fn resume_all(&self, toolkits: &[Toolkit]) {
-        for toolkit in toolkits.iter().rev() {
-            if let Err(failure) = toolkit.resume(self.config.script_timeout) {
-                tracing::warn!(%failure, "resume script failed");
-            }
-        }
     }
 
     fn toolkits_report(&self) -> Value {
@@ -355,6 +237,7 @@ impl Agent {
             "uptime-seconds": uptime,
             "agent-uptime-seconds": self.started.elapsed().as_secs_f64(),
             "frozen": state.frozen.is_some(),
+            "current-freeze": state.frozen.as_ref().map(|f| &f.report),
             "last-freeze": state.last_freeze,
             "version": env!("CARGO_PKG_VERSION"),
         })
@@ -374,7 +257,7 @@ mod tests {
     use super::*;
 
     fn answer(agent: &Agent, text: &str) -> Value {
-        let request: Request = serde_json::from_str(text).unwrap();
+        let request = Request::from_value(serde_json::from_str(text).unwrap()).unwrap();
         match agent.handle(request) {
             Reply::Send(bytes) => {
                 let start = usize::from(bytes.first() == Some(&DELIMITER));
@@ -407,13 +290,15 @@ mod tests {
         assert_eq!(unknown["error"]["class"], "CommandNotFound");
         let bad_args = answer(&agent, r#"{"execute":"guest-sync","arguments":{"id":"x"}}"#);
         assert_eq!(bad_args["error"]["class"], "GenericError");
+        let unexpected = answer(&agent, r#"{"execute":"guest-ping","arguments":{"pad":1}}"#);
+        assert_eq!(unexpected["error"]["desc"], "Parameter 'pad' is unexpected");
     }
 
     #[test]
     fn sync_delimited_answer_starts_with_the_delimiter() {
         let agent = Agent::new(AgentConfig::default());
-        let request: Request =
-            serde_json::from_str(r#"{"execute":"guest-sync-delimited","arguments":{"id":9}}"#)
+        let request =
+            Request::from_value(json!({"execute":"guest-sync-delimited","arguments":{"id":9}}))
                 .unwrap();
         let Reply::Send(bytes) = agent.handle(request) else {
             panic!()
@@ -485,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    fn failing_toolkit_aborts_the_freeze_and_names_the_script() {
+    fn a_failing_toolkit_is_reported_and_makes_the_freeze_crash_consistent_only() {
         let dir = tempfile::tempdir().unwrap();
         let kit = dir.path().join("broken-app");
         std::fs::create_dir(&kit).unwrap();
@@ -501,22 +386,181 @@ mod tests {
             toolkits_dir: dir.path().to_path_buf(),
             ..AgentConfig::default()
         });
-        // Freeze only a mountpoint list that exists so nothing on the host really freezes:
-        // the toolkit fails first.
+        // /proc cannot be frozen (EOPNOTSUPP, skipped), so nothing on the machine running
+        // the test freezes: the freeze goes through the toolkits and freezes nothing.
         let answer = answer(
             &agent,
-            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/"]}}"#,
+            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/proc"]}}"#,
         );
-        let desc = answer["error"]["desc"].as_str().unwrap();
-        assert!(
-            desc.contains("broken-app")
-                && desc.contains("quiesce")
-                && desc.contains("cannot-quiesce"),
-            "{desc}"
-        );
+        assert_eq!(answer["return"], 0, "{answer}");
         let status = super::tests::answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#);
         assert_eq!(status["return"], "thawed");
         let heartbeat = super::tests::answer(&agent, r#"{"execute":"sealvm-heartbeat"}"#);
-        assert_eq!(heartbeat["return"]["last-freeze"]["result"], "failed");
+        let last = &heartbeat["return"]["last-freeze"];
+        assert_eq!(last["result"], "nothing-frozen");
+        assert_eq!(last["application-consistent"], false);
+        let broken = last["toolkit-results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "broken-app")
+            .cloned()
+            .unwrap();
+        assert_eq!(broken["result"], "failed");
+        let error = broken["error"].as_str().unwrap();
+        assert!(
+            error.contains("quiesce") && error.contains("cannot-quiesce"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn exec_status_answers_at_once_while_a_background_child_holds_the_output() {
+        let agent = Agent::new(AgentConfig::default());
+        let started = answer(
+            &agent,
+            r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 2 & echo started"],"capture-output":true}}"#,
+        );
+        let pid = started["return"]["pid"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let asked = Instant::now();
+        let status = answer(
+            &agent,
+            &format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#),
+        );
+        let ping = answer(&agent, r#"{"execute":"guest-ping"}"#);
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "status and ping took {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(status["return"], json!({"exited": false}));
+        assert_eq!(ping["return"], json!({}));
+        let done = exited(&agent, pid);
+        assert_eq!(done["out-data"], json!("c3RhcnRlZAo=")); // "started\n"
+    }
+
+    #[test]
+    fn exec_capture_modes_merge_or_pick_streams() {
+        let agent = Agent::new(AgentConfig::default());
+        let run = |mode: &str| {
+            let started = answer(
+                &agent,
+                &format!(
+                    r#"{{"execute":"guest-exec","arguments":{{"path":"/bin/sh","arg":["-c","echo o; echo e >&2"],"capture-output":{mode}}}}}"#
+                ),
+            );
+            exited(&agent, started["return"]["pid"].as_u64().unwrap())
+        };
+        let merged = run(r#""merged""#);
+        assert_eq!(merged["out-data"], json!("bwplCg==")); // "o\ne\n"
+        assert!(merged.get("err-data").is_none());
+        let stderr = run(r#""stderr""#);
+        assert!(stderr.get("out-data").is_none());
+        assert_eq!(stderr["err-data"], json!("ZQo="));
+        let none = run("false");
+        assert!(none.get("out-data").is_none() && none.get("err-data").is_none());
+    }
+
+    /// Marks the agent frozen without freezing anything on the machine running the test.
+    fn pretend_frozen(agent: &Agent) {
+        agent.lock().frozen = Some(Frozen {
+            mountpoints: Vec::new(),
+            toolkits: Vec::new(),
+            report: FreezeReport::new(0, Vec::new()),
+            at: Instant::now(),
+            generation: 0,
+        });
+    }
+
+    #[test]
+    fn while_frozen_only_qga_allowlisted_commands_run() {
+        let agent = Agent::new(AgentConfig::default());
+        pretend_frozen(&agent);
+        for refused in [
+            r#"{"execute":"guest-exec","arguments":{"path":"/bin/true"},"id":1}"#,
+            r#"{"execute":"guest-file-open","arguments":{"path":"/tmp/x","mode":"w"},"id":1}"#,
+            r#"{"execute":"guest-fsfreeze-freeze","id":1}"#,
+            r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/"]},"id":1}"#,
+            r#"{"execute":"guest-set-time","id":1}"#,
+        ] {
+            let got = answer(&agent, refused);
+            assert_eq!(got["error"]["class"], "CommandNotFound", "{refused}: {got}");
+            assert!(
+                got["error"]["desc"]
+                    .as_str()
+                    .unwrap()
+                    .contains("has been disabled"),
+                "{got}"
+            );
+            assert_eq!(got["id"], 1);
+        }
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-ping"}"#)["return"],
+            json!({})
+        );
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
+            "frozen"
+        );
+        let info = answer(&agent, r#"{"execute":"guest-info"}"#);
+        let enabled = |name: &str| {
+            info["return"]["supported_commands"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap()["enabled"]
+                .clone()
+        };
+        assert_eq!(enabled("guest-exec"), false);
+        assert_eq!(enabled("guest-fsfreeze-thaw"), true);
+        answer(&agent, r#"{"execute":"guest-fsfreeze-thaw"}"#);
+        assert_eq!(
+            answer(&agent, r#"{"execute":"guest-fsfreeze-status"}"#)["return"],
+            "thawed"
+        );
+    }
+
+    #[test]
+    fn commands_qga_disables_on_linux_answer_disabled() {
+        let agent = Agent::new(AgentConfig::default());
+        let got = answer(&agent, r#"{"execute":"guest-get-devices"}"#);
+        assert_eq!(got["error"]["class"], "CommandNotFound");
+        let bad = answer(
+            &agent,
+            r#"{"execute":"guest-shutdown","arguments":{"mode":"explode"},"id":null}"#,
+        );
+        assert_eq!(bad["error"]["class"], "GenericError");
+        assert_eq!(bad["id"], Value::Null);
+        assert!(bad.as_object().unwrap().contains_key("id"));
+    }
+
+    #[test]
+    fn file_commands_round_trip_through_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let agent = Agent::new(AgentConfig::default());
+        let handle = answer(
+            &agent,
+            &format!(
+                r#"{{"execute":"guest-file-open","arguments":{{"path":"{}","mode":"w+"}}}}"#,
+                path.display()
+            ),
+        )["return"]
+            .as_i64()
+            .unwrap();
+        let wrote = answer(
+            &agent,
+            &format!(
+                r#"{{"execute":"guest-file-write","arguments":{{"handle":{handle},"buf-b64":"aGVsbG8="}}}}"#
+            ),
+        );
+        assert_eq!(wrote["return"]["count"], 5);
+        answer(
+            &agent,
+            &format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{handle}}}}}"#),
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
     }
 }

@@ -31,9 +31,46 @@ pub struct ExecArgs {
     /// Base64 bytes fed to stdin.
     #[serde(default)]
     pub input_data: Option<String>,
-    /// Collect stdout and stderr.
+    /// What to collect: `true`/`false`, or since qga 8.0 a mode name (`none`, `stdout`,
+    /// `stderr`, `separated`, `merged`).
     #[serde(default)]
-    pub capture_output: Option<bool>,
+    pub capture_output: Option<CaptureOutput>,
+}
+
+/// guest-exec's `capture-output`: a flag, or a mode (qga's `GuestExecCaptureOutput`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum CaptureOutput {
+    /// `true` captures stdout and stderr apart, `false` neither.
+    Flag(bool),
+    /// A named mode.
+    Mode(CaptureMode),
+}
+
+/// The capture modes of qga 8.0 and later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Nothing.
+    None,
+    /// Only stdout.
+    Stdout,
+    /// Only stderr.
+    Stderr,
+    /// Both, each in its own field.
+    Separated,
+    /// Both, stderr joined into `out-data`.
+    Merged,
+}
+
+impl CaptureOutput {
+    fn mode(self) -> CaptureMode {
+        match self {
+            CaptureOutput::Flag(true) => CaptureMode::Separated,
+            CaptureOutput::Flag(false) => CaptureMode::None,
+            CaptureOutput::Mode(mode) => mode,
+        }
+    }
 }
 
 /// A stream's output as kept: at most [`OUTPUT_LIMIT`] bytes, and whether there was more.
@@ -45,6 +82,8 @@ struct Captured {
 
 struct Running {
     child: Child,
+    /// Set once the program has been reaped.
+    status: Option<std::process::ExitStatus>,
     stdout: Option<JoinHandle<Captured>>,
     stderr: Option<JoinHandle<Captured>>,
 }
@@ -65,7 +104,9 @@ impl ExecTable {
                 })?),
                 None => None,
             };
-        let capture = args.capture_output.unwrap_or(false);
+        let mode = args
+            .capture_output
+            .map_or(CaptureMode::None, CaptureOutput::mode);
         let mut command = Command::new(&args.path);
         command.args(&args.arg);
         for entry in &args.env {
@@ -78,14 +119,27 @@ impl ExecTable {
         } else {
             Stdio::null()
         });
-        let out = || {
-            if capture {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            }
+        let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
+        let (out_on, err_on) = match mode {
+            CaptureMode::None => (false, false),
+            CaptureMode::Stdout => (true, false),
+            CaptureMode::Stderr => (false, true),
+            CaptureMode::Separated => (true, true),
+            CaptureMode::Merged => (true, false),
         };
-        command.stdout(out()).stderr(out());
+        let merged_pipe = if mode == CaptureMode::Merged {
+            let (reader, writer) = crate::toolkits::pipe().map_err(|e| {
+                CommandError::generic(format!("cannot create a pipe for guest-exec: {e}"))
+            })?;
+            let writer_err = writer.try_clone().map_err(|e| {
+                CommandError::generic(format!("cannot create a pipe for guest-exec: {e}"))
+            })?;
+            command.stdout(writer).stderr(writer_err);
+            Some(reader)
+        } else {
+            command.stdout(piped(out_on)).stderr(piped(err_on));
+            None
+        };
         let mut child = command.spawn().map_err(|e| {
             CommandError::generic(format!(
                 "Failed to execute child process '{}': {e}",
@@ -113,12 +167,16 @@ impl ExecTable {
                 })
             })
         };
-        let stdout = collect(
-            child
+        // The command holds the merged pipe's write ends: drop them, or the reader never
+        // sees end-of-file.
+        drop(command);
+        let stdout = collect(match merged_pipe {
+            Some(reader) => Some(Box::new(reader) as Box<dyn Read + Send>),
+            None => child
                 .stdout
                 .take()
                 .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        );
+        });
         let stderr = collect(
             child
                 .stderr
@@ -133,6 +191,7 @@ impl ExecTable {
                 pid,
                 Running {
                     child,
+                    status: None,
                     stdout,
                     stderr,
                 },
@@ -140,7 +199,10 @@ impl ExecTable {
         Ok(json!({ "pid": pid }))
     }
 
-    /// The status of a started program; once it has exited, the entry is dropped.
+    /// The status of a started program. As with qga, it has `exited` only once the program
+    /// is gone and its captured output streams are closed (a background child that keeps
+    /// stdout open keeps the answer at `exited: false`); then the entry is dropped. Never
+    /// waits: the table lock is held only to look.
     pub fn status(&self, pid: u32) -> Result<Value, CommandError> {
         let mut running = self
             .running
@@ -149,14 +211,22 @@ impl ExecTable {
         let entry = running
             .get_mut(&pid)
             .ok_or_else(|| CommandError::generic(format!("Invalid parameter 'pid' ({pid})")))?;
-        let status = entry
-            .child
-            .try_wait()
-            .map_err(|e| CommandError::generic(format!("cannot wait for {pid}: {e}")))?;
-        let Some(status) = status else {
+        if entry.status.is_none() {
+            entry.status = entry
+                .child
+                .try_wait()
+                .map_err(|e| CommandError::generic(format!("cannot wait for {pid}: {e}")))?;
+        }
+        let streams_closed = [&entry.stdout, &entry.stderr]
+            .iter()
+            .all(|h| h.as_ref().is_none_or(|h| h.is_finished()));
+        let Some(status) = entry.status.filter(|_| streams_closed) else {
             return Ok(json!({ "exited": false }));
         };
-        let mut entry = running.remove(&pid).expect("entry was just found");
+        let Some(mut entry) = running.remove(&pid) else {
+            unreachable!("the entry was found above under the same lock");
+        };
+        drop(running);
         let mut answer = serde_json::Map::new();
         answer.insert("exited".into(), json!(true));
         use std::os::unix::process::ExitStatusExt;
@@ -170,7 +240,8 @@ impl ExecTable {
             ("err-data", "err-truncated", entry.stderr.take()),
         ] {
             // qemu-guest-agent leaves a stream out when it printed nothing, and says whether
-            // it was cut at the limit whenever it reports one (qga since its 2025 fix).
+            // it was cut at the limit whenever it reports one (qga since its 2025 fix). The
+            // reader has finished (checked above), so the join does not wait.
             let captured = handle
                 .map(|h| h.join().unwrap_or_default())
                 .unwrap_or_default();

@@ -6,12 +6,20 @@
 //! client` and by sealvm's tools.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod accounts;
 pub mod agent;
 pub mod client;
+pub mod command_table;
 pub mod exec;
+pub mod files;
+pub mod freeze;
 pub mod fsfreeze;
+pub mod machine;
+pub mod network;
+pub mod power;
 pub mod protocol;
 pub mod server;
+pub mod storage;
 pub mod system;
 pub mod toolkits;
 

@@ -2,7 +2,9 @@
 //! or, for tests on the host, a unix socket it listens on.
 //!
 //! A port reads end-of-file while no host is connected; the loop then waits and reads again.
-//! Losing the host while filesystems are frozen thaws them: nobody is left to do it.
+//! A freeze outlives the connection that asked for it, as with qemu-ga: tools that connect
+//! once per command (qemu-ga-client, scripts) thaw from a later connection, and the freeze
+//! timeout is the safety net when nobody does.
 
 use crate::agent::{Agent, Reply};
 use crate::protocol::{encode_error, Decoded, Decoder};
@@ -48,7 +50,6 @@ pub fn serve_port(agent: &Agent, path: &Path) -> Result<(), ServeError> {
             Ok(()) => {}
             Err(e) => tracing::debug!(error = %e, "port read failed"),
         }
-        agent.thaw_on_disconnect();
         std::thread::sleep(RECONNECT_PAUSE);
         // A hot-unplugged port comes back under the same name; reopen to be sure.
         if let Ok(reopened) = open() {
@@ -71,7 +72,6 @@ pub fn serve_unix(agent: &Agent, path: &Path) -> Result<(), ServeError> {
                 if let Err(e) = serve_stream(agent, &mut stream) {
                     tracing::debug!(error = %e, "client connection failed");
                 }
-                agent.thaw_on_disconnect();
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
@@ -95,9 +95,9 @@ pub fn serve_stream<S: Read + Write>(agent: &Agent, stream: &mut S) -> io::Resul
                     tracing::debug!(command = %request.execute, "request");
                     agent.handle(request)
                 }
-                Decoded::Invalid(error) => {
+                Decoded::Invalid(error, id) => {
                     tracing::debug!(%error, "invalid input");
-                    Reply::Send(encode_error(&error, None))
+                    Reply::Send(encode_error(&error, id.as_ref()))
                 }
             };
             if let Reply::Send(bytes) = reply {

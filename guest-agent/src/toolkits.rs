@@ -1,13 +1,16 @@
 //! Application toolkits: what makes a snapshot application-consistent rather than merely
 //! crash-consistent. A toolkit has detect rules (a running process, a listening socket, a
 //! file), a quiesce script run before the filesystems freeze, and a resume script run after
-//! they thaw.
+//! they thaw. Scripts run as the application's own OS user when the toolkit names one (the
+//! built-in PostgreSQL toolkit runs as `postgres`, which Debian's default `peer`
+//! authentication requires), as `runuser -u USER --` would run them.
 //!
 //! Built-in toolkits cover PostgreSQL, MySQL/MariaDB, SQLite, Redis and MongoDB. User
 //! toolkits live in `/etc/sealvm-agent/toolkits.d/NAME/` as three files: `detect` (one rule a
 //! line: `process NAME`, `socket PORT`, `socket /PATH`, `file /PATH`; `#` starts a comment;
-//! any matching rule detects), and executable `quiesce` and `resume` scripts. A user toolkit
-//! with the same name as a built-in replaces it.
+//! any matching rule detects), and executable `quiesce` and `resume` scripts, and optionally
+//! a `user` file naming the OS user the scripts run as. A user toolkit with the same name as
+//! a built-in replaces it.
 
 use serde::Serialize;
 use std::collections::HashSet;
@@ -29,7 +32,7 @@ const OUTPUT_LIMIT: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", content = "value", rename_all = "lowercase")]
 pub enum DetectRule {
-    /// A process with this command name (`/proc/PID/comm`).
+    /// A live process (not a zombie) with this command name (`/proc/PID/comm`).
     Process(String),
     /// A listening TCP port.
     Port(u16),
@@ -88,6 +91,11 @@ impl SystemView {
                             .bytes()
                             .all(|b| b.is_ascii_digit())
                     })
+                    // A zombie is an application that is gone: it has nothing to quiesce.
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path().join("stat"))
+                            .is_ok_and(|stat| !is_zombie_stat(&stat))
+                    })
                     .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
                     .map(|comm| comm.trim().to_string())
                     .collect()
@@ -113,6 +121,14 @@ impl SystemView {
     }
 }
 
+/// True when a /proc/PID/stat line says the process is a zombie (or dead): the state is
+/// the field after the parenthesised command name, which may itself hold spaces and `)`.
+pub fn is_zombie_stat(stat: &str) -> bool {
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "Z" || state == "X")
+}
+
 /// A script a toolkit runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -136,6 +152,9 @@ pub struct Toolkit {
     pub quiesce: Script,
     /// Run after the thaw.
     pub resume: Script,
+    /// The OS user the scripts run as (root, the agent's own user, when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A script that failed, for the freeze's error answer.
@@ -160,12 +179,24 @@ impl Toolkit {
 
     /// Runs the quiesce script.
     pub fn quiesce(&self, timeout: Duration) -> Result<(), ScriptFailure> {
-        run_script(&self.name, "quiesce", &self.quiesce, timeout)
+        run_script(
+            &self.name,
+            "quiesce",
+            &self.quiesce,
+            self.user.as_deref(),
+            timeout,
+        )
     }
 
     /// Runs the resume script.
     pub fn resume(&self, timeout: Duration) -> Result<(), ScriptFailure> {
-        run_script(&self.name, "resume", &self.resume, timeout)
+        run_script(
+            &self.name,
+            "resume",
+            &self.resume,
+            self.user.as_deref(),
+            timeout,
+        )
     }
 }
 
@@ -178,15 +209,24 @@ pub fn builtin() -> Vec<Toolkit> {
         detect,
         quiesce: inline(quiesce),
         resume: inline(resume),
+        user: None,
     };
     vec![
-        toolkit(
-            "postgresql",
-            vec![DetectRule::Process("postgres".into()), DetectRule::Port(5432)],
-            // A checkpoint writes every dirty page, so the frozen image needs no WAL replay.
-            "psql -v ON_ERROR_STOP=1 -U postgres -c CHECKPOINT",
-            "true",
-        ),
+        Toolkit {
+            // As the postgres OS user: Debian's default `local all postgres peer` refuses
+            // root.
+            user: Some("postgres".into()),
+            ..toolkit(
+                "postgresql",
+                vec![DetectRule::Process("postgres".into()), DetectRule::Port(5432)],
+                // A CHECKPOINT writes every dirty page, so the frozen image holds little WAL
+                // to replay. Not none: writes go on between the CHECKPOINT and the freeze,
+                // so a restored image still starts with crash recovery (WAL replay), only a
+                // short one, and its data is consistent.
+                "psql -v ON_ERROR_STOP=1 -U postgres -c CHECKPOINT",
+                "true",
+            )
+        },
         toolkit(
             "mysql",
             vec![
@@ -248,12 +288,17 @@ pub fn user(dir: &Path) -> Vec<Toolkit> {
                 tracing::warn!(toolkit = %name, "user toolkit lacks a quiesce or resume script; skipped");
                 return None;
             }
+            let user = std::fs::read_to_string(path.join("user"))
+                .ok()
+                .map(|text| text.trim().to_string())
+                .filter(|user| !user.is_empty());
             Some(Toolkit {
                 name,
                 source: path.display().to_string(),
                 detect,
                 quiesce: Script::File(quiesce),
                 resume: Script::File(resume),
+                user,
             })
         })
         .collect();
@@ -275,6 +320,7 @@ fn run_script(
     toolkit: &str,
     phase: &'static str,
     script: &Script,
+    user: Option<&str>,
     timeout: Duration,
 ) -> Result<(), ScriptFailure> {
     let fail = |outcome: String, output: String| ScriptFailure {
@@ -291,6 +337,30 @@ fn run_script(
         }
         Script::File(path) => Command::new(path),
     };
+    if let Some(user) = user {
+        // As `runuser -u USER --`: the user's ids (supplementary groups dropped), its
+        // environment names, and its home as the working directory.
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let Some(account) = crate::accounts::find_account(&passwd, user) else {
+            return Err(fail(
+                format!("could not start: no user {user} in /etc/passwd"),
+                String::new(),
+            ));
+        };
+        use std::os::unix::process::CommandExt;
+        let dir = if account.home.is_dir() {
+            account.home.clone()
+        } else {
+            PathBuf::from("/")
+        };
+        command
+            .uid(account.uid)
+            .gid(account.gid)
+            .current_dir(dir)
+            .env("HOME", &account.home)
+            .env("USER", user)
+            .env("LOGNAME", user);
+    }
     // Output goes to a pipe we drain after exit; scripts print little. stderr joins stdout.
     let (reader, writer) = match pipe() {
         Ok(pair) => pair,
@@ -357,7 +427,8 @@ fn run_script(
     }
 }
 
-fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+/// A pipe with both ends close-on-exec: (read end, write end).
+pub(crate) fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
     use std::os::unix::io::FromRawFd;
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two descriptors into the two-element array we pass.
@@ -429,6 +500,7 @@ mod tests {
             "t",
             "quiesce",
             &Script::Inline("echo nope; exit 3".into()),
+            None,
             SCRIPT_TIMEOUT,
         )
         .unwrap_err();
@@ -438,6 +510,7 @@ mod tests {
             "t",
             "resume",
             &Script::Inline("true".into()),
+            None,
             SCRIPT_TIMEOUT,
         )
         .unwrap();
@@ -449,6 +522,7 @@ mod tests {
             "t",
             "quiesce",
             &Script::Inline("sleep 30".into()),
+            None,
             Duration::from_millis(200),
         )
         .unwrap_err();
@@ -471,5 +545,52 @@ mod tests {
         assert!(redis[0].detected(&SystemView::read()));
         assert!(!all.iter().any(|t| t.name == "incomplete"));
         assert_eq!(all.len(), builtin().len());
+    }
+
+    #[test]
+    fn zombies_do_not_count_as_running() {
+        assert!(is_zombie_stat("123 (postgres) Z 1 123 123 0 -1"));
+        assert!(is_zombie_stat("9 (a) b) c) Z 1"));
+        assert!(!is_zombie_stat("123 (postgres) S 1 123 123 0 -1"));
+        assert!(!is_zombie_stat("garbage"));
+    }
+
+    #[test]
+    fn scripts_run_as_the_toolkit_user() {
+        // SAFETY: geteuid only reads the process's effective user id.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: scripts_run_as_the_toolkit_user needs root to change user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("id");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        run_script(
+            "t",
+            "quiesce",
+            &Script::Inline(format!(
+                "id -u > {}; echo $USER >> {}",
+                out.display(),
+                out.display()
+            )),
+            Some("nobody"),
+            SCRIPT_TIMEOUT,
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            text.split_whitespace().collect::<Vec<_>>(),
+            ["65534", "nobody"]
+        );
+        let missing = run_script(
+            "t",
+            "quiesce",
+            &Script::Inline("true".into()),
+            Some("no-such-user-here"),
+            SCRIPT_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(missing.outcome.contains("no user"), "{missing}");
     }
 }

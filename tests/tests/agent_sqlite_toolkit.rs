@@ -33,6 +33,28 @@ fn consistent_bookmark(api: &Path, agent: &Path, name: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Asks for a bookmark that must be application-consistent; returns stderr of the refusal.
+fn refused_bookmark(api: &Path, agent: &Path, name: &str) -> String {
+    let out = Command::new(sealvm_blk())
+        .args([
+            "bookmark",
+            "--require-application-consistent",
+            "--api-socket",
+        ])
+        .arg(api)
+        .arg("--agent-socket")
+        .arg(agent)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a bookmark was made without any application quiesced: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Restores the volume at `bookmark` and extracts the database and its WAL from it.
 fn restore_db(dir: &Path, base: &Path, journal: &Path, bookmark: &str) -> (PathBuf, u64) {
     let image = dir.join(format!("{bookmark}.ext4"));
@@ -131,6 +153,10 @@ fn sqlite_toolkit_makes_the_bookmark_open_without_recovery() {
     // Frozen but without the toolkit: the rows sit in the WAL only.
     let report = consistent_bookmark(&api, &agent, "frozen-only");
     assert_eq!(report["toolkits"], json!([]));
+    assert_eq!(report["application-consistent"], false, "{report}");
+    assert_eq!(report["consistency"], "crash-consistent");
+    let refusal = refused_bookmark(&api, &agent, "must-be-consistent");
+    assert!(refusal.contains("did not all quiesce"), "{refusal}");
     assert_eq!(report["filesystems-frozen"], 1);
     let (db, wal_len) = restore_db(dir.path(), &base, &journal, "frozen-only");
     assert!(wal_len > 0, "the WAL should hold the rows");
@@ -148,6 +174,8 @@ fn sqlite_toolkit_makes_the_bookmark_open_without_recovery() {
     app(&guest, "INSERT INTO t VALUES (4),(5);");
     let report = consistent_bookmark(&api, &agent, "app-consistent");
     assert_eq!(report["toolkits"], json!(["sqlite"]));
+    assert_eq!(report["application-consistent"], true, "{report}");
+    assert_eq!(report["toolkit-results"][0]["result"], "quiesced");
     assert!(report["freeze-window-ms"].as_u64().is_some());
     app(&guest, "INSERT INTO t VALUES (6);");
     let (db, wal_len) = restore_db(dir.path(), &base, &journal, "app-consistent");

@@ -76,6 +76,11 @@ enum Command {
         /// bookmark, so applications quiesce first.
         #[arg(long)]
         agent_socket: Option<PathBuf>,
+        /// Refuse (thaw, make no bookmark) unless every application the agent detected
+        /// quiesced; without it, a freeze whose toolkits failed or found nothing gives a
+        /// bookmark reported as crash-consistent.
+        #[arg(long, requires = "agent_socket")]
+        require_application_consistent: bool,
         /// The bookmark's name.
         name: String,
     },
@@ -186,8 +191,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bookmark {
             api_socket,
             agent_socket,
+            require_application_consistent,
             name,
-        } => bookmark(&api_socket, agent_socket.as_deref(), &name),
+        } => bookmark(
+            &api_socket,
+            agent_socket.as_deref(),
+            require_application_consistent,
+            &name,
+        ),
         Command::Pit { command } => match command {
             PitCommand::List { journal, json } => pit_list(&journal, json),
             PitCommand::Expose {
@@ -362,6 +373,7 @@ fn serve_device(
 fn bookmark(
     api_socket: &std::path::Path,
     agent: Option<&std::path::Path>,
+    require_application_consistent: bool,
     name: &str,
 ) -> anyhow::Result<()> {
     let Some(agent) = agent else {
@@ -376,26 +388,37 @@ fn bookmark(
     let frozen = client
         .execute("guest-fsfreeze-freeze", None, timeout)
         .context("the guest could not be frozen; no bookmark was made")?;
+    // What the agent's toolkits did for this freeze (sealvm-agent's heartbeat answers while
+    // frozen; another agent has no such report, so the bookmark is crash-consistent).
+    let freeze = client
+        .execute("sealvm-heartbeat", None, timeout)
+        .ok()
+        .and_then(|h| h.get("current-freeze").cloned())
+        .unwrap_or(json!({}));
+    let application_consistent = freeze["application-consistent"] == json!(true);
+    if require_application_consistent && !application_consistent {
+        let thawed = client.execute("guest-fsfreeze-thaw", None, timeout);
+        thawed.context("thaw failed")?;
+        anyhow::bail!(
+            "the guest's applications did not all quiesce, so no bookmark was made (toolkits: {})",
+            freeze.get("toolkit-results").cloned().unwrap_or(json!([]))
+        );
+    }
     let made = api::call(api_socket, json!({"command": "bookmark", "name": name}));
     // Thaw whatever happened to the bookmark.
     let thawed = client.execute("guest-fsfreeze-thaw", None, timeout);
     let window = started.elapsed();
     let made = made?;
     thawed.context("thaw failed after the bookmark")?;
-    let report = client.execute("sealvm-heartbeat", None, timeout).ok();
-    let toolkits = report
-        .as_ref()
-        .and_then(|r| r.get("last-freeze"))
-        .and_then(|f| f.get("toolkits"))
-        .cloned()
-        .unwrap_or(json!([]));
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
             "bookmark": made,
-            "application-consistent": true,
+            "application-consistent": application_consistent,
+            "consistency": if application_consistent { "application-consistent" } else { "crash-consistent" },
             "filesystems-frozen": frozen,
-            "toolkits": toolkits,
+            "toolkits": freeze.get("toolkits").cloned().unwrap_or(json!([])),
+            "toolkit-results": freeze.get("toolkit-results").cloned().unwrap_or(json!([])),
             "freeze-window-ms": window.as_millis() as u64,
         }))?
     );

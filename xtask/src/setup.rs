@@ -34,6 +34,36 @@ const PACKAGES: &[(&str, &str)] = &[
         "qemu-guest-agent",
         "the real agent the wire-compatibility test compares with",
     ),
+    (
+        "libvirt-daemon",
+        "libvirtd, driving the agent through libvirt in the agent tests",
+    ),
+    (
+        "libvirt-daemon-driver-qemu",
+        "libvirt's QEMU driver (a recommends, so named here)",
+    ),
+    (
+        "libvirt-daemon-log",
+        "virtlogd, which libvirt's QEMU driver needs",
+    ),
+    (
+        "libvirt-clients",
+        "virsh, the client the agent tests drive libvirt with",
+    ),
+    (
+        "python3-venv",
+        "a private venv for QEMU's qemu.qmp client in the agent tests",
+    ),
+];
+
+/// Packages that must come from the same suite as QEMU: libvirt's QEMU driver is built
+/// against one QEMU and refuses to mix suites with it.
+const FOLLOW_QEMU_SUITE: &[&str] = &[
+    "qemu-system-x86",
+    "libvirt-daemon",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-daemon-log",
+    "libvirt-clients",
 ];
 
 /// Where the backports suite is written when QEMU must come from it.
@@ -58,7 +88,11 @@ pub fn run() -> Result<()> {
         );
     }
     step(&format!("setup: installing {}", missing.join(" ")));
-    let qemu_from_backports = missing.contains(&"qemu-system-x86") && qemu_utils_is_backport();
+    let qemu_from_backports = if missing.contains(&"qemu-system-x86") {
+        is_backport("qemu-utils")
+    } else {
+        is_backport("qemu-system-x86")
+    };
     if qemu_from_backports {
         // qemu-utils on this machine kind comes from bookworm-backports, and Debian's QEMU
         // 7.2 system emulator refuses to sit beside it: take the emulator from there too.
@@ -68,13 +102,14 @@ pub fn run() -> Result<()> {
         )?;
     }
     process::run(Command::new("apt-get").arg("update").arg("-q"))?;
-    let rest: Vec<&str> = missing
+    let (from_backports, rest): (Vec<&str>, Vec<&str>) = missing
         .iter()
         .copied()
-        .filter(|name| !(qemu_from_backports && *name == "qemu-system-x86"))
-        .collect();
-    if qemu_from_backports {
-        apt_install(&["-t", "bookworm-backports", "qemu-system-x86"])?;
+        .partition(|name| qemu_from_backports && FOLLOW_QEMU_SUITE.contains(name));
+    if !from_backports.is_empty() {
+        let mut args = vec!["-t", "bookworm-backports"];
+        args.extend(&from_backports);
+        apt_install(&args)?;
     }
     if !rest.is_empty() {
         apt_install(&rest)?;
@@ -101,8 +136,9 @@ fn installed(package: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn qemu_utils_is_backport() -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Version}", "qemu-utils"]))
+/// True when `package` is installed from bookworm-backports.
+fn is_backport(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
         .map(|version| version.contains("bpo"))
         .unwrap_or(false)
 }

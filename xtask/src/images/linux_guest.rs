@@ -39,6 +39,7 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
         .collect();
     let modules = kernel::modules_in_load_order(&kernel.modules_dir, &wanted)?;
     let host_files = host_programs(&recipe.join("host-programs"))?;
+    let rootfs_files = rootfs_files(&recipe.join("rootfs"))?;
 
     let mut digest = InputDigest::default();
     for source in BUILDER_SOURCE {
@@ -53,6 +54,9 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
     }
     for file in &host_files {
         digest.file(&file.display().to_string(), file)?;
+    }
+    for (name, source) in &rootfs_files {
+        digest.file(&format!("rootfs/{name}"), source)?;
     }
     let digest = digest.finish();
 
@@ -92,8 +96,13 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
     .iter()
     .map(|d| d.to_string())
     .collect();
-    for file in &host_files {
-        for ancestor in file.ancestors().skip(1) {
+    let guest_paths = host_files
+        .iter()
+        .map(|f| f.to_string_lossy().trim_start_matches('/').to_string())
+        .chain(rootfs_files.iter().map(|(name, _)| name.clone()))
+        .collect::<Vec<_>>();
+    for file in &guest_paths {
+        for ancestor in Path::new(file).ancestors().skip(1) {
             let dir = ancestor
                 .to_string_lossy()
                 .trim_start_matches('/')
@@ -129,10 +138,44 @@ pub fn build(workspace: &Workspace) -> Result<GuestImages> {
         let name = file.to_string_lossy();
         archive.file(name.trim_start_matches('/'), 0o755, &std::fs::read(file)?)?;
     }
+    for (name, source) in &rootfs_files {
+        use std::os::unix::fs::PermissionsExt;
+        let executable = source.metadata()?.permissions().mode() & 0o111 != 0;
+        let mode = if executable { 0o755 } else { 0o644 };
+        archive.file(name, mode, &std::fs::read(source)?)?;
+    }
     archive.finish()?.finish()?.sync_all()?;
     std::fs::rename(&partial, &images.initramfs)?;
     stamp.record(&digest)?;
     Ok(images)
+}
+
+/// The files under the recipe's `rootfs/` folder (accounts, and the guest's `shutdown` and
+/// `chpasswd` scripts), as (path in the guest without the leading `/`, source), sorted.
+/// Git keeps only the executable bit, so that is the one permission carried over.
+fn rootfs_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+        for entry in
+            std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                let name = path
+                    .strip_prefix(root)
+                    .context("rootfs file outside its folder")?
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((name, path));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files)?;
+    files.sort();
+    Ok(files)
 }
 
 /// The programs listed in `list` and every shared library `ldd` says they load, as absolute
