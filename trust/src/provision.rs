@@ -7,6 +7,9 @@ use crate::bundle::luks1::{self, LuksError};
 use crate::bundle::payload::{Bundle, BundleError, DiskSource, VmManifest};
 use crate::helper_partition::{HelperPartitionError, SealedPartition};
 use crate::launch::{self, LaunchError};
+use crate::tpm::scratch::Scratch;
+use crate::tpm::tied_child::{self, SecretPipe};
+use crate::tpm::vtpm::VtpmError;
 use crate::tpm::{HostTpm, TpmError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -58,6 +61,9 @@ pub enum ProvisionError {
     /// Attestation or opening failed.
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// The vTPM's private scratch directory could not be made.
+    #[error(transparent)]
+    Vtpm(#[from] VtpmError),
 }
 
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError {
@@ -119,25 +125,16 @@ pub(crate) fn new_secret() -> Result<Zeroizing<String>, ProvisionError> {
     Ok(Zeroizing::new(hex::encode(&raw[..])))
 }
 
-/// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private directory on
-/// /dev/shm (memory, not persistent storage), its state encrypted with `key_hex`, and
-/// returns swtpm's state blob.
-pub fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, ProvisionError> {
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("sealvm-vtpm-")
-        .tempdir_in(&base)
-        .map_err(file_err(&base))?;
-    let keyfile = dir.path().join("key");
-    let mut f = File::create(&keyfile).map_err(file_err(&keyfile))?;
-    f.write_all(key_hex.as_bytes())
-        .map_err(file_err(&keyfile))?;
-    drop(f);
-    let out = Command::new("swtpm_setup")
+/// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private scratch
+/// directory on memory (0700 on /dev/shm, files 0600, never a disk), its state encrypted with
+/// `key_hex`, which swtpm_setup reads from a pipe (`--keyfile-fd`), never a file. Returns
+/// swtpm's state blob.
+pub fn manufacture_vtpm(key_hex: &str) -> Result<Zeroizing<Vec<u8>>, ProvisionError> {
+    let scratch = Scratch::create().map_err(VtpmError::Scratch)?;
+    let dir = scratch.path();
+    let key = SecretPipe::new(key_hex.as_bytes()).map_err(ProvisionError::SwtpmSpawn)?;
+    let mut command = Command::new("swtpm_setup");
+    command
         .args([
             "--tpm2",
             "--createek",
@@ -146,18 +143,19 @@ pub fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, ProvisionError> {
             "--overwrite",
         ])
         .arg("--tpmstate")
-        .arg(dir.path())
-        .arg("--keyfile")
-        .arg(&keyfile)
-        .output()
-        .map_err(ProvisionError::SwtpmSpawn)?;
+        .arg(dir)
+        .arg("--keyfile-fd")
+        .arg(key.fd().to_string());
+    let out = tied_child::output(command, Some(&key)).map_err(ProvisionError::SwtpmSpawn)?;
     if !out.status.success() {
         return Err(ProvisionError::Swtpm(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    let state_path = dir.path().join("tpm2-00.permall");
-    std::fs::read(&state_path).map_err(file_err(&state_path))
+    let state_path = dir.join("tpm2-00.permall");
+    std::fs::read(&state_path)
+        .map(Zeroizing::new)
+        .map_err(file_err(&state_path))
 }
 
 /// What `bundle inspect` reports; never a key.

@@ -7,7 +7,9 @@
 //! [`SealedObject`] and back.
 
 pub mod report;
+pub mod scratch;
 pub mod sealed;
+pub mod tied_child;
 pub mod vtpm;
 
 pub use report::{AttestationReport, PcrCheck};
