@@ -2,8 +2,9 @@
 //! bundle's sealed policy, unseal the key-slot secret, open the bundle and verify its
 //! regions.
 //!
-//! The boot path of a VMM, in order: [`attest_and_open`] → [`verify_boot_files`] (the
-//! kernel and initramfs against [`OpenedBundle::manifest`]) → start the guest's vTPM with
+//! The boot path of a VMM, in order: [`attest_and_open`] → [`read_verified_boot_files`]
+//! (the kernel and initramfs read once and checked against [`OpenedBundle::manifest`]; the
+//! VMM boots the returned bytes, never the paths) → start the guest's vTPM with
 //! `crate::tpm::vtpm::Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)` and
 //! point a TPM CRB device at its unix sockets → serve the disk through
 //! `Bundle::read_disk`/`write_disk` (per-sector XTS, no plaintext on disk) → on shutdown
@@ -142,20 +143,48 @@ pub fn attest_and_open(
     tcti: &str,
     writable: bool,
 ) -> Result<OpenedBundle, LaunchError> {
-    let (secret, report, mut timings) = attest_and_unseal(bundle, helper_disk, tcti)?;
+    let (_, opened) = attest_then_open(bundle, helper_disk, tcti, writable)?;
+    opened
+}
+
+/// [`attest_and_open`] that keeps the attestation report when a later step fails: the outer
+/// error means the host could not be attested at all (no sealed record, TPM unreachable);
+/// the inner result is the rest of the launch (trust decision, unseal, open, verify).
+pub fn attest_then_open(
+    bundle: &Path,
+    helper_disk: &Path,
+    tcti: &str,
+    writable: bool,
+) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
+    let sealed = sealed_record(bundle, helper_disk)?;
+    let mut tpm = HostTpm::connect(tcti)?;
     let start = Instant::now();
-    let opened = Bundle::open(bundle, &secret, writable)?;
-    let manifest = opened.manifest()?;
-    let vtpm_state = opened.vtpm_state()?;
-    timings.open = start.elapsed();
-    tracing::info!(bundle = %bundle.display(), id = %opened.id(), "bundle opened on attested host");
-    Ok(OpenedBundle {
-        bundle: opened,
-        manifest,
-        vtpm_state,
-        report,
-        timings,
-    })
+    let report = tpm.attest(&sealed)?;
+    let attest = start.elapsed();
+    let opened = (|| {
+        require_trusted(&report)?;
+        let start = Instant::now();
+        let secret = tpm.unseal(&sealed)?;
+        let unseal = start.elapsed();
+        let start = Instant::now();
+        let opened = Bundle::open(bundle, &secret, writable)?;
+        let manifest = opened.manifest()?;
+        let vtpm_state = opened.vtpm_state()?;
+        let timings = LaunchTimings {
+            attest,
+            unseal,
+            open: start.elapsed(),
+        };
+        tracing::info!(bundle = %bundle.display(), id = %opened.id(), "bundle opened on attested host");
+        Ok(OpenedBundle {
+            bundle: opened,
+            manifest,
+            vtpm_state,
+            report: report.clone(),
+            timings,
+        })
+    })();
+    Ok((report, opened))
 }
 
 /// Turns an attestation report into the launch decision: an error naming the other TPM or
@@ -199,41 +228,62 @@ pub fn attest_and_unseal(
     Ok((secret, report, timings))
 }
 
-/// Checks the kernel and initramfs the VMM is about to load against the manifest's digests.
-pub fn verify_boot_files(
+/// A kernel and initramfs read once and verified against a manifest: the bytes to boot.
+/// Booting these bytes, never the paths again, is what makes the check hold (a file
+/// swapped after the check is never read).
+pub struct VerifiedBootFiles {
+    /// The kernel bytes whose SHA-256 matched.
+    pub kernel: Vec<u8>,
+    /// The initramfs bytes whose SHA-256 matched, when the manifest lists one.
+    pub initramfs: Option<Vec<u8>>,
+}
+
+/// Reads the kernel and initramfs the VMM is about to boot, each exactly once, and checks
+/// the bytes read against the manifest's digests; returns those bytes.
+pub fn read_verified_boot_files(
     manifest: &VmManifest,
     kernel: &Path,
     initramfs: Option<&Path>,
-) -> Result<(), LaunchError> {
-    let digest = |path: &Path| -> Result<String, LaunchError> {
-        use sha2::Digest as _;
-        let mut file = File::open(path).map_err(|source| LaunchError::BootFile {
+) -> Result<VerifiedBootFiles, LaunchError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| LaunchError::BootFile {
             path: path.display().to_string(),
             source,
-        })?;
-        let mut hasher = sha2::Sha256::new();
-        std::io::copy(&mut file, &mut hasher).map_err(|source| LaunchError::BootFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(hex::encode(hasher.finalize()))
+        })
     };
-    if digest(kernel)? != manifest.kernel_sha256 {
+    let sha256 = |bytes: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+    let kernel_bytes = read(kernel)?;
+    if sha256(&kernel_bytes) != manifest.kernel_sha256 {
         return Err(LaunchError::BootFileDigest {
             what: "kernel",
             path: kernel.display().to_string(),
         });
     }
-    match (initramfs, &manifest.initramfs_sha256) {
-        (Some(path), Some(expected)) if digest(path)? == *expected => Ok(()),
-        (None, None) => Ok(()),
-        (path, _) => Err(LaunchError::BootFileDigest {
-            what: "initramfs",
-            path: path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(none)".into()),
-        }),
-    }
+    let initramfs = match (initramfs, &manifest.initramfs_sha256) {
+        (Some(path), Some(expected)) => {
+            let bytes = read(path)?;
+            if sha256(&bytes) != *expected {
+                return Err(LaunchError::BootFileDigest {
+                    what: "initramfs",
+                    path: path.display().to_string(),
+                });
+            }
+            Some(bytes)
+        }
+        (None, None) => None,
+        (path, _) => {
+            return Err(LaunchError::BootFileDigest {
+                what: "initramfs",
+                path: path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none)".into()),
+            })
+        }
+    };
+    Ok(VerifiedBootFiles {
+        kernel: kernel_bytes,
+        initramfs,
+    })
 }
 
 #[cfg(test)]
@@ -252,17 +302,18 @@ mod tests {
             kernel_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"kernel")),
             initramfs_sha256: None,
         };
-        verify_boot_files(&manifest, &kernel, None).unwrap();
+        let verified = read_verified_boot_files(&manifest, &kernel, None).unwrap();
+        assert_eq!(verified.kernel, b"kernel");
         std::fs::write(&kernel, b"kernel with a backdoor").unwrap();
         assert!(matches!(
-            verify_boot_files(&manifest, &kernel, None),
+            read_verified_boot_files(&manifest, &kernel, None),
             Err(LaunchError::BootFileDigest { what: "kernel", .. })
         ));
         std::fs::write(&kernel, b"kernel").unwrap();
         // An initramfs the manifest does not list is refused too.
         assert!(matches!(
-            verify_boot_files(&manifest, &kernel, Some(&kernel)),
-            Err(LaunchError::BootFileDigest {
+            read_verified_boot_files(&manifest, &kernel, Some(&kernel)).err(),
+            Some(LaunchError::BootFileDigest {
                 what: "initramfs",
                 ..
             })
