@@ -61,6 +61,9 @@ pub enum ProvisionError {
     /// Attestation or opening failed.
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// The exported disk could not be written.
+    #[error(transparent)]
+    Export(#[from] sealvm_os::durable::ReplaceError),
     /// The vTPM's private scratch directory could not be made.
     #[error(transparent)]
     Vtpm(#[from] VtpmError),
@@ -258,26 +261,42 @@ pub fn reseal(
     })
 }
 
-/// Writes the decrypted guest disk to `output` (which must not exist); only on an attested
-/// host.
+/// Writes the decrypted guest disk to `output` (which must not exist) with mode 0600, only
+/// on an attested host. The file appears under its name only once complete and synced
+/// (sealvm-os's durable replacement).
 pub fn export(path: &Path, host: &HostAccess, output: &Path) -> Result<(), ProvisionError> {
     let opened = launch::attest_and_open(path, &host.helper_disk, &host.tcti, false)?;
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(output)
-        .map_err(file_err(output))?;
-    let chunk = 1u64 << 20;
-    let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
-    let mut offset = 0;
-    while offset < opened.bundle.disk_bytes() {
-        let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
-        opened.bundle.read_disk(offset, &mut buf[..len])?;
-        out.write_all(&buf[..len]).map_err(file_err(output))?;
-        offset += len as u64;
+    if output.symlink_metadata().is_ok() {
+        return Err(ProvisionError::File {
+            path: output.display().to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        });
     }
-    out.sync_all().map_err(file_err(output))?;
-    Ok(())
+    let mut read_error = None;
+    sealvm_os::durable::replace_with(
+        output,
+        0o600,
+        |out| {
+            let chunk = 1u64 << 20;
+            let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
+            let mut offset = 0;
+            while offset < opened.bundle.disk_bytes() {
+                let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
+                if let Err(error) = opened.bundle.read_disk(offset, &mut buf[..len]) {
+                    read_error = Some(error);
+                    return Err(std::io::Error::other("bundle read failed"));
+                }
+                out.write_all(&buf[..len])?;
+                offset += len as u64;
+            }
+            Ok(())
+        },
+        &mut |_| Ok(()),
+    )
+    .map_err(|error| match read_error.take() {
+        Some(bundle_error) => ProvisionError::Bundle(bundle_error),
+        None => ProvisionError::Export(error),
+    })
 }
 
 /// The SHA-256 of a file, as lowercase hex.

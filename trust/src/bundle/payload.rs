@@ -42,6 +42,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::fs::{File, OpenOptions};
+use std::ops::ControlFlow;
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -120,9 +121,6 @@ pub enum BundleError {
     /// The manifest is not valid JSON for [`VmManifest`].
     #[error("manifest JSON")]
     ManifestJson(#[source] serde_json::Error),
-    /// A write-back step was cut short by a test failpoint.
-    #[error("failpoint at {0:?}")]
-    Failpoint(WriteStep),
 }
 
 /// The VM state kept in the bundle.
@@ -141,7 +139,7 @@ pub struct VmManifest {
     pub initramfs_sha256: Option<String>,
 }
 
-/// The steps of a vTPM write-back, for failpoints.
+/// The steps of a vTPM write-back, for crash tests that stop between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteStep {
     /// Before the new slot is written.
@@ -326,16 +324,25 @@ impl Bundle {
 
     /// Writes `state` as the new vTPM state, atomically (see the module docs).
     pub fn write_vtpm_state(&mut self, state: &[u8]) -> Result<(), BundleError> {
-        self.write_vtpm_state_with(state, |_| Ok(()))
+        self.write_vtpm_state_until(state, |_| ControlFlow::Continue(()))
+            .map(|_| ())
     }
 
-    /// [`Self::write_vtpm_state`] with a failpoint hook called before each step; a hook error
-    /// stops the write-back there, as a crash would.
-    pub fn write_vtpm_state_with(
+    /// [`Self::write_vtpm_state`] with a step hook called before each step; `Break` stops
+    /// the write-back there, as a crash would, and returns the step it stopped before
+    /// (`Ok(None)` when it ran to the end). For crash tests; not an error path.
+    pub(crate) fn write_vtpm_state_until(
         &mut self,
         state: &[u8],
-        mut failpoint: impl FnMut(WriteStep) -> Result<(), BundleError>,
-    ) -> Result<(), BundleError> {
+        mut hook: impl FnMut(WriteStep) -> ControlFlow<()>,
+    ) -> Result<Option<WriteStep>, BundleError> {
+        macro_rules! step {
+            ($step:expr) => {
+                if hook($step).is_break() {
+                    return Ok(Some($step));
+                }
+            };
+        }
         let slot = 1 - self.superblock.active_slot;
         let generation = self.superblock.generation + 1;
         let mut prefix = Vec::with_capacity(16);
@@ -353,22 +360,22 @@ impl Bundle {
                 |len| record_mac(key, b"vtpm", &id, &prefix, len),
             )?
         };
-        failpoint(WriteStep::SlotWrite)?;
+        step!(WriteStep::SlotWrite);
         let offset = VTPM_OFFSET + u64::from(slot) * VTPM_SLOT_CAPACITY;
         self.volume
             .write_sectors(offset / SECTOR_SIZE as u64, &record)?;
-        failpoint(WriteStep::SlotSync)?;
+        step!(WriteStep::SlotSync);
         self.volume.sync()?;
         let mut next = self.superblock.clone();
         next.active_slot = slot;
         next.generation = generation;
-        failpoint(WriteStep::SuperblockWrite)?;
+        step!(WriteStep::SuperblockWrite);
         self.volume
             .write_sectors(0, &superblock_bytes(&next, &self.hmac_key))?;
-        failpoint(WriteStep::SuperblockSync)?;
+        step!(WriteStep::SuperblockSync);
         self.volume.sync()?;
         self.superblock = next;
-        Ok(())
+        Ok(None)
     }
 
     /// Reads guest-disk bytes at `offset` (both sector aligned), decrypting them.

@@ -140,14 +140,16 @@ fn vtpm_write_back_crash_leaves_old_or_new() {
         let path = dir.path().join("b.svm");
         let mut bundle = create(&path);
         bundle.write_vtpm_state(b"generation-two").unwrap();
-        let result = bundle.write_vtpm_state_with(b"generation-three", |step| {
-            if step == crash_at {
-                Err(BundleError::Failpoint(step))
-            } else {
-                Ok(())
-            }
-        });
-        assert!(matches!(result, Err(BundleError::Failpoint(_))));
+        let stopped = bundle
+            .write_vtpm_state_until(b"generation-three", |step| {
+                if step == crash_at {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+        assert_eq!(stopped, Some(crash_at));
         drop(bundle);
         let reopened = Bundle::open(&path, SECRET, true).unwrap();
         let state = reopened.vtpm_state().unwrap();

@@ -4,11 +4,11 @@
 use super::launch::{self, AttestOnlyError, TrustedLaunchArgs};
 use super::signals::{self, TermSignals};
 use super::size::parse_size;
+use crate::vm::boot::BootImages;
 use crate::vm::config::{DiskConfig, VmConfig};
 use crate::vm::devices::bundle_disk::BundleDisk;
 use crate::vm::devices::legacy::StopReason;
 use crate::vm::devices::serial::SerialTarget;
-use crate::vm::boot::BootImages;
 use crate::vm::{ExtraDisk, Extras, Vm};
 use clap::Args;
 use sealvm_trust::launch::{self as trusted_launch, LaunchError};

@@ -398,7 +398,9 @@ mod tests {
         let images = BootImages::read(&kernel, None).unwrap();
         let error = load(&mem, &images, "").unwrap_err();
         assert!(matches!(error, BootError::KernelFormat { .. }), "{error}");
-        let missing = BootImages::read(&dir.path().join("nope"), None).err().unwrap();
+        let missing = BootImages::read(&dir.path().join("nope"), None)
+            .err()
+            .unwrap();
         assert!(matches!(missing, BootError::KernelFile { .. }));
     }
 
