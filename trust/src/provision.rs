@@ -129,7 +129,8 @@ pub(crate) fn new_secret() -> Result<Zeroizing<String>, ProvisionError> {
 }
 
 /// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private scratch
-/// directory on memory (0700 on /dev/shm, files 0600, never a disk), its state encrypted with
+/// directory on memory (0700 on /dev/shm, never a disk; swtpm_setup 0.7 makes its state
+/// file 0640 whatever the umask, so the directory is what keeps others out), encrypted with
 /// `key_hex`, which swtpm_setup reads from a pipe (`--keyfile-fd`), never a file. Returns
 /// swtpm's state blob.
 pub fn manufacture_vtpm(key_hex: &str) -> Result<Zeroizing<Vec<u8>>, ProvisionError> {
@@ -161,7 +162,8 @@ pub fn manufacture_vtpm(key_hex: &str) -> Result<Zeroizing<Vec<u8>>, ProvisionEr
         .map_err(file_err(&state_path))
 }
 
-/// What `bundle inspect` reports; never a key.
+/// What `bundle inspect` reports; never a key. Fields it could not check are `null` and
+/// the reason is in `failures`.
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     bundle_id: String,
@@ -173,14 +175,41 @@ pub struct Inspection {
     active_key_slots: Vec<usize>,
     sealed_pcrs: Option<Vec<u8>>,
     host_trusted: Option<bool>,
+    bundle_verified: Option<bool>,
     manifest: Option<VmManifest>,
     disk_bytes: Option<u64>,
     vtpm_state_bytes: Option<usize>,
     vtpm_generation: Option<u64>,
+    /// Each check that could not be made or failed, with its error chain.
+    pub failures: Vec<InspectFailure>,
 }
 
-/// Reads the LUKS header and the sealed policy; on a trusted host, opens the bundle to
-/// report the manifest too.
+/// One check `bundle inspect` could not complete.
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectFailure {
+    /// Which check: "helper partition", "sealed record", "host TPM", "host attestation",
+    /// "bundle".
+    pub check: &'static str,
+    /// What failed, with its causes.
+    pub error: String,
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// Reads the LUKS header, the sealed policy, attests the host and, on a trusted host, opens
+/// and verifies the bundle to report the manifest too. A header that does not parse is an
+/// error; every later check that cannot be made is recorded in [`Inspection::failures`]
+/// (the host's trust is reported apart from whether the bundle verifies).
 pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionError> {
     let file = File::open(path).map_err(file_err(path))?;
     let header = luks1::read_header(&file)?;
@@ -200,27 +229,53 @@ pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionEr
             .collect(),
         sealed_pcrs: None,
         host_trusted: None,
+        bundle_verified: None,
         manifest: None,
         disk_bytes: None,
         vtpm_state_bytes: None,
         vtpm_generation: None,
+        failures: Vec::new(),
     };
-    if let Ok(sealed) =
-        SealedPartition::open(&host.helper_disk, false).and_then(|p| p.get(&header.uuid))
-    {
-        out.sealed_pcrs = Some(sealed.pcrs.clone());
-        match launch::attest_and_open(path, &host.helper_disk, &host.tcti, false) {
-            Ok(opened) => {
-                out.host_trusted = Some(true);
-                out.disk_bytes = Some(opened.bundle.disk_bytes());
-                out.vtpm_state_bytes = Some(opened.vtpm_state.len());
-                out.vtpm_generation = Some(opened.bundle.vtpm_generation());
-                out.manifest = Some(opened.manifest);
-            }
+    let fail = |check: &'static str, error: &dyn std::error::Error| InspectFailure {
+        check,
+        error: error_chain(error),
+    };
+    let partition = match SealedPartition::open(&host.helper_disk, false) {
+        Ok(partition) => partition,
+        Err(error) => {
+            out.failures.push(fail("helper partition", &error));
+            return Ok(out);
+        }
+    };
+    match partition.get(&header.uuid) {
+        Ok(sealed) => out.sealed_pcrs = Some(sealed.pcrs.clone()),
+        Err(error) => {
+            out.failures.push(fail("sealed record", &error));
+            return Ok(out);
+        }
+    }
+    let (report, opened) =
+        match launch::attest_then_open(path, &host.helper_disk, &host.tcti, false) {
+            Ok(result) => result,
             Err(error) => {
-                tracing::warn!(%error, "manifest not shown: bundle does not open on this host");
-                out.host_trusted = Some(false);
+                out.failures.push(fail("host TPM", &error));
+                return Ok(out);
             }
+        };
+    let trusted = report.trusted && report.tpm_matches;
+    out.host_trusted = Some(trusted);
+    match opened {
+        Ok(opened) => {
+            out.bundle_verified = Some(true);
+            out.disk_bytes = Some(opened.bundle.disk_bytes());
+            out.vtpm_state_bytes = Some(opened.vtpm_state.len());
+            out.vtpm_generation = Some(opened.bundle.vtpm_generation());
+            out.manifest = Some(opened.manifest);
+        }
+        Err(error) if !trusted => out.failures.push(fail("host attestation", &error)),
+        Err(error) => {
+            out.bundle_verified = Some(false);
+            out.failures.push(fail("bundle", &error));
         }
     }
     Ok(out)

@@ -69,7 +69,8 @@ enum BundleCommand {
         disk_size: Option<u64>,
     },
     /// Show the LUKS header and sealed policy; with a trusted host, the manifest too. Never
-    /// prints keys.
+    /// prints keys. Exits non-zero, naming each check, when it could not check something
+    /// (helper disk, sealed record, host TPM, host trust, bundle integrity).
     Inspect {
         /// The bundle.
         bundle: PathBuf,
@@ -111,6 +112,9 @@ pub enum BundleCliError {
     /// The workflow failed.
     #[error(transparent)]
     Provision(#[from] ProvisionError),
+    /// `bundle inspect` could not check everything it reports (each check and why).
+    #[error("bundle inspect could not check everything: {0}")]
+    Unchecked(String),
     /// Output could not be encoded.
     #[error("cannot encode output")]
     Json(#[source] serde_json::Error),
@@ -147,7 +151,18 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
             let inspection = provision::inspect(&bundle, &tpm.host())?;
             let json = serde_json::to_string_pretty(&inspection).map_err(BundleCliError::Json)?;
             println!("{json}");
-            Ok(())
+            if inspection.failures.is_empty() {
+                Ok(())
+            } else {
+                Err(BundleCliError::Unchecked(
+                    inspection
+                        .failures
+                        .iter()
+                        .map(|f| format!("{}: {}", f.check, f.error))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ))
+            }
         }
         BundleCommand::Reseal { bundle, tpm, pcrs } => {
             let pcrs = pcrs.as_deref().map(tpm::parse_pcr_list).transpose()?;
