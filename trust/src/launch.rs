@@ -62,6 +62,32 @@ pub enum LaunchError {
         /// The file given.
         path: String,
     },
+    /// The bundle is an older copy than the host TPM's counter says was last launched.
+    #[error(
+        "this bundle is an older copy: generation {bundle}, the host TPM says {host} (restore \
+         the newest copy; if none survives, `sealvm bundle accept-rollback` takes this one, \
+         logged)"
+    )]
+    Rollback {
+        /// The generation recorded in the bundle.
+        bundle: u64,
+        /// The host TPM counter's value.
+        host: u64,
+    },
+    /// The sealed record and the bundle name different rollback counters (or only one has
+    /// one): one of them was tampered with or replaced by an older copy.
+    #[error(
+        "the bundle's rollback counter ({bundle:?}) differs from the sealed record's ({record:?})"
+    )]
+    RollbackCounterMismatch {
+        /// The NV index in the bundle's superblock.
+        bundle: Option<u32>,
+        /// The NV index in the sealed record.
+        record: Option<u32>,
+    },
+    /// The bundle has no rollback counter (made before rollback protection).
+    #[error("the bundle has no rollback counter (made before rollback protection)")]
+    NoRollbackCounter,
     /// A boot file could not be read.
     #[error("cannot read {path}")]
     BootFile {
@@ -149,12 +175,33 @@ pub fn attest_and_open(
 
 /// [`attest_and_open`] that keeps the attestation report when a later step fails: the outer
 /// error means the host could not be attested at all (no sealed record, TPM unreachable);
-/// the inner result is the rest of the launch (trust decision, unseal, open, verify).
+/// the inner result is the rest of the launch (trust decision, unseal, open, verify,
+/// rollback check).
 pub fn attest_then_open(
     bundle: &Path,
     helper_disk: &Path,
     tcti: &str,
     writable: bool,
+) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
+    attest_then_open_with(bundle, helper_disk, tcti, writable, true)
+}
+
+/// [`attest_then_open`] for writing, without the rollback check: only for
+/// `bundle accept-rollback`.
+pub(crate) fn attest_then_open_unchecked_rollback(
+    bundle: &Path,
+    helper_disk: &Path,
+    tcti: &str,
+) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
+    attest_then_open_with(bundle, helper_disk, tcti, true, false)
+}
+
+fn attest_then_open_with(
+    bundle: &Path,
+    helper_disk: &Path,
+    tcti: &str,
+    writable: bool,
+    check_rollback: bool,
 ) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
     let sealed = sealed_record(bundle, helper_disk)?;
     let mut tpm = HostTpm::connect(tcti)?;
@@ -170,6 +217,22 @@ pub fn attest_then_open(
         let opened = Bundle::open(bundle, &secret, writable)?;
         let manifest = opened.manifest()?;
         let vtpm_state = opened.vtpm_state()?;
+        let mark = opened.rollback_mark();
+        if mark.map(|m| m.counter_index) != sealed.rollback_counter {
+            return Err(LaunchError::RollbackCounterMismatch {
+                bundle: mark.map(|m| m.counter_index),
+                record: sealed.rollback_counter,
+            });
+        }
+        if let (Some(mark), true) = (mark, check_rollback) {
+            let host = tpm.read_counter(mark.counter_index)?;
+            if mark.generation < host {
+                return Err(LaunchError::Rollback {
+                    bundle: mark.generation,
+                    host,
+                });
+            }
+        }
         let timings = LaunchTimings {
             attest,
             unseal,
@@ -185,6 +248,50 @@ pub fn attest_then_open(
         })
     })();
     Ok((report, opened))
+}
+
+/// Advances the bundle's rollback protection for a launch, before any guest code runs:
+/// writes generation `max(bundle, counter) + 1` into the bundle's authenticated superblock
+/// (synced), calls `between` (a crash-test seam), then increments the host TPM counter up
+/// to that generation. In that order a crash between the steps leaves the bundle one ahead
+/// of the counter, which still launches (a bundle is refused only when it is *behind*), and
+/// the counter never lags a completed launch, so every copy taken before this launch is
+/// refused afterwards. The other order would need a tolerance of one, and that would let
+/// the most recent copy back in. Returns the new generation; `None` for a bundle without a
+/// counter.
+pub fn advance_rollback(
+    opened: &mut OpenedBundle,
+    tcti: &str,
+    between: impl FnOnce(),
+) -> Result<Option<u64>, LaunchError> {
+    let Some(mark) = opened.bundle.rollback_mark() else {
+        tracing::warn!(id = %opened.bundle.id(), "bundle has no rollback counter: copies of it are not detected");
+        return Ok(None);
+    };
+    let mut tpm = HostTpm::connect(tcti)?;
+    let mut host = tpm.read_counter(mark.counter_index)?;
+    let target = mark.generation.max(host) + 1;
+    opened
+        .bundle
+        .write_rollback_mark(crate::bundle::payload::RollbackMark {
+            counter_index: mark.counter_index,
+            generation: target,
+        })?;
+    between();
+    // At most two steps: the bundle is never more than one ahead of the counter.
+    for _ in 0..2 {
+        if host >= target {
+            break;
+        }
+        host = tpm.increment_counter(mark.counter_index)?;
+    }
+    if host < target {
+        return Err(LaunchError::Rollback {
+            bundle: target,
+            host,
+        });
+    }
+    Ok(Some(target))
 }
 
 /// Turns an attestation report into the launch decision: an error naming the other TPM or

@@ -4,7 +4,7 @@
 //! they return. Nothing here boots a VM.
 
 use crate::bundle::luks1::{self, LuksError};
-use crate::bundle::payload::{Bundle, BundleError, DiskSource, VmManifest};
+use crate::bundle::payload::{Bundle, BundleError, DiskSource, RollbackMark, VmManifest};
 use crate::helper_partition::{HelperPartitionError, SealedPartition};
 use crate::launch::{self, LaunchError};
 use crate::tpm::scratch::Scratch;
@@ -109,7 +109,20 @@ pub fn create(
     let result = (|| {
         let state = manufacture_vtpm(&launch::vtpm_key_hex(&bundle))?;
         bundle.write_vtpm_state(&state)?;
-        let sealed = host.seal(&bundle.id(), pcrs, secret.as_bytes())?;
+        // Rollback protection: a counter of its own on the host TPM, its value in the
+        // bundle's authenticated superblock, its index in the sealed record too.
+        let preferred = u32::from_le_bytes(
+            Sha256::digest(bundle.id().as_bytes())[..4]
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
+        let (counter_index, generation) = host.define_counter(preferred)?;
+        bundle.write_rollback_mark(RollbackMark {
+            counter_index,
+            generation,
+        })?;
+        let mut sealed = host.seal(&bundle.id(), pcrs, secret.as_bytes())?;
+        sealed.rollback_counter = Some(counter_index);
         partition.put(sealed)?;
         Ok(bundle.id())
     })();
@@ -180,6 +193,8 @@ pub struct Inspection {
     disk_bytes: Option<u64>,
     vtpm_state_bytes: Option<usize>,
     vtpm_generation: Option<u64>,
+    rollback_counter: Option<u32>,
+    rollback_generation: Option<u64>,
     /// Each check that could not be made or failed, with its error chain.
     pub failures: Vec<InspectFailure>,
 }
@@ -234,6 +249,8 @@ pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionEr
         disk_bytes: None,
         vtpm_state_bytes: None,
         vtpm_generation: None,
+        rollback_counter: None,
+        rollback_generation: None,
         failures: Vec::new(),
     };
     let fail = |check: &'static str, error: &dyn std::error::Error| InspectFailure {
@@ -270,6 +287,9 @@ pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionEr
             out.disk_bytes = Some(opened.bundle.disk_bytes());
             out.vtpm_state_bytes = Some(opened.vtpm_state.len());
             out.vtpm_generation = Some(opened.bundle.vtpm_generation());
+            let mark = opened.bundle.rollback_mark();
+            out.rollback_counter = mark.map(|m| m.counter_index);
+            out.rollback_generation = mark.map(|m| m.generation);
             out.manifest = Some(opened.manifest);
         }
         Err(error) if !trusted => out.failures.push(fail("host attestation", &error)),
@@ -306,7 +326,8 @@ pub fn reseal(
     // New slot first, then the new sealed record, then drop the old slot: a crash at any
     // point leaves at least one secret that both opens a slot and is sealed.
     luks1::set_key_slot(&file, &mut header, &master_key, new_slot, secret.as_bytes())?;
-    let sealed = HostTpm::connect(&host.tcti)?.seal(&header.uuid, &pcrs, secret.as_bytes())?;
+    let mut sealed = HostTpm::connect(&host.tcti)?.seal(&header.uuid, &pcrs, secret.as_bytes())?;
+    sealed.rollback_counter = old_record.rollback_counter;
     partition.put(sealed)?;
     luks1::kill_key_slot(&file, &mut header, old_slot)?;
     Ok(Resealed {
@@ -352,6 +373,32 @@ pub fn export(path: &Path, host: &HostAccess, output: &Path) -> Result<(), Provi
         Some(bundle_error) => ProvisionError::Bundle(bundle_error),
         None => ProvisionError::Export(error),
     })
+}
+
+/// Accepts an older copy of a bundle as current (disaster recovery: the newest copy is
+/// lost): on an attested host, opens the bundle without the rollback check and records the
+/// host counter's current value in it, so it launches again. Logged as a warning; returns
+/// (the bundle's old generation, the counter's value).
+pub fn accept_rollback(path: &Path, host: &HostAccess) -> Result<(u64, u64), ProvisionError> {
+    let (_, opened) =
+        launch::attest_then_open_unchecked_rollback(path, &host.helper_disk, &host.tcti)?;
+    let mut opened = opened?;
+    let mark = opened
+        .bundle
+        .rollback_mark()
+        .ok_or(LaunchError::NoRollbackCounter)?;
+    let current = HostTpm::connect(&host.tcti)?.read_counter(mark.counter_index)?;
+    tracing::warn!(
+        bundle = %path.display(),
+        bundle_generation = mark.generation,
+        host_generation = current,
+        "accepting an older copy of the bundle: its rollback generation is set to the host counter"
+    );
+    opened.bundle.write_rollback_mark(RollbackMark {
+        counter_index: mark.counter_index,
+        generation: current.max(mark.generation),
+    })?;
+    Ok((mark.generation, current))
 }
 
 /// The SHA-256 of a file, as lowercase hex.

@@ -13,7 +13,10 @@
 //! Superblock: magic `SEALVMB\0` (8), version u32 = 1 (4), flags u32 (4), bundle id (16),
 //! manifest offset u64, manifest capacity u64, vTPM slot 0 offset u64, vTPM slot capacity
 //! u64, disk offset u64, disk bytes u64, active vTPM slot u32, reserved u32, vTPM generation
-//! u64 (at 88), zeros to 448, HMAC-SHA256 over bytes 0..448 (at 448), zeros to 512.
+//! u64 (at 88), rollback counter NV index u32 (at 96; 0 = no rollback protection, as in
+//! bundles made before it), reserved u32, rollback generation u64 (at 104: the host TPM
+//! counter's value this bundle was last launched at), zeros to 448, HMAC-SHA256 over bytes
+//! 0..448 (at 448), zeros to 512.
 //!
 //! Manifest record: length u32, HMAC (32) over `"manifest" ‖ bundle id ‖ length ‖ json`,
 //! then the manifest as JSON ([`VmManifest`]).
@@ -158,6 +161,17 @@ struct Superblock {
     disk_bytes: u64,
     active_slot: u32,
     generation: u64,
+    rollback: Option<RollbackMark>,
+}
+
+/// A bundle's authenticated rollback mark: which host TPM counter guards it and the value
+/// it was last launched at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollbackMark {
+    /// The NV index of the host TPM counter.
+    pub counter_index: u32,
+    /// The counter value recorded at the last launch.
+    pub generation: u64,
 }
 
 /// An open bundle: the unlocked container with verified superblock. Holds the master key
@@ -219,6 +233,7 @@ impl Bundle {
                 disk_bytes,
                 active_slot: 1,
                 generation: 0,
+                rollback: None,
             },
             master_key,
         };
@@ -278,6 +293,23 @@ impl Bundle {
     /// The generation of the current vTPM state (counts write-backs).
     pub fn vtpm_generation(&self) -> u64 {
         self.superblock.generation
+    }
+
+    /// The rollback mark in the authenticated superblock, if the bundle has one.
+    pub fn rollback_mark(&self) -> Option<RollbackMark> {
+        self.superblock.rollback
+    }
+
+    /// Records `mark` in the superblock (authenticated, one sector) and syncs it. The bundle
+    /// must be open for writing.
+    pub fn write_rollback_mark(&mut self, mark: RollbackMark) -> Result<(), BundleError> {
+        let mut next = self.superblock.clone();
+        next.rollback = Some(mark);
+        self.volume
+            .write_sectors(0, &superblock_bytes(&next, &self.hmac_key))?;
+        self.volume.sync()?;
+        self.superblock = next;
+        Ok(())
     }
 
     /// The master key, for re-keying slots. Zeroized when the bundle drops.
@@ -571,6 +603,10 @@ fn superblock_bytes(sb: &Superblock, hmac_key: &[u8]) -> [u8; SECTOR_SIZE] {
     }
     b[80..84].copy_from_slice(&sb.active_slot.to_le_bytes());
     b[88..96].copy_from_slice(&sb.generation.to_le_bytes());
+    if let Some(mark) = sb.rollback {
+        b[96..100].copy_from_slice(&mark.counter_index.to_le_bytes());
+        b[104..112].copy_from_slice(&mark.generation.to_le_bytes());
+    }
     let mut m = <HmacSha256 as Mac>::new_from_slice(hmac_key).expect("HMAC accepts any key length");
     m.update(b"superblock");
     m.update(&b[..SB_HMAC_AT]);
@@ -622,6 +658,13 @@ fn parse_superblock(b: &[u8; SECTOR_SIZE], hmac_key: &[u8]) -> Result<Superblock
         disk_bytes: le64(72),
         active_slot,
         generation: le64(88),
+        rollback: match u32::from_le_bytes([b[96], b[97], b[98], b[99]]) {
+            0 => None,
+            counter_index => Some(RollbackMark {
+                counter_index,
+                generation: le64(104),
+            }),
+        },
     })
 }
 

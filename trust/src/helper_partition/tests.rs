@@ -13,6 +13,7 @@ fn record(id: &str) -> SealedObject {
         storage_key_name: "000b".into(),
         public: "abcd".into(),
         private: "ef01".into(),
+        rollback_counter: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! does not know bundle files or the helper partition; it turns a secret into a
 //! [`SealedObject`] and back.
 
+pub mod counter;
 pub mod report;
 pub mod scratch;
 pub mod sealed;
@@ -192,6 +193,7 @@ impl HostTpm {
             storage_key_name,
             public: hex::encode(created.out_public.marshall().map_err(cmd("Create"))?),
             private: hex::encode(created.out_private.value()),
+            rollback_counter: None,
         })
     }
 

@@ -87,3 +87,23 @@ fn forged_identity_still_fails_to_load_on_another_tpm() {
         Err(TpmError::ForeignTpm(_))
     ));
 }
+
+#[test]
+fn nv_counter_only_goes_up_and_survives_a_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let swtpm = SwtpmProcess::start(&dir.path().join("host")).unwrap();
+    let mut tpm = HostTpm::connect(&swtpm.tcti()).unwrap();
+    let (index, first) = tpm.define_counter(7).unwrap();
+    assert_eq!(tpm.read_counter(index).unwrap(), first);
+    assert_eq!(tpm.increment_counter(index).unwrap(), first + 1);
+    // A second counter with the same preference gets another index.
+    let (other, _) = tpm.define_counter(7).unwrap();
+    assert_ne!(other, index);
+    drop(tpm);
+    let mut tpm = HostTpm::connect(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.read_counter(index).unwrap(), first + 1);
+    assert!(
+        tpm.read_counter(index + 100).is_err(),
+        "an undefined counter reads"
+    );
+}

@@ -88,6 +88,15 @@ enum BundleCommand {
         #[arg(long)]
         pcrs: Option<String>,
     },
+    /// Disaster recovery: accept this older copy of the bundle as current (its rollback
+    /// generation is set to the host TPM counter's), when the newest copy is lost. Only on
+    /// an attested host; logged.
+    AcceptRollback {
+        /// The bundle.
+        bundle: PathBuf,
+        #[command(flatten)]
+        tpm: TpmArgs,
+    },
     /// Write the decrypted guest disk to a raw file; only on an attested host.
     Export {
         /// The bundle.
@@ -170,6 +179,20 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
             println!(
                 "resealed {} to PCRs {:?} (key slot {})",
                 done.bundle_id, done.pcrs, done.key_slot
+            );
+            Ok(())
+        }
+        BundleCommand::AcceptRollback { bundle, tpm } => {
+            let (old, host) = provision::accept_rollback(&bundle, &tpm.host())?;
+            // Always on stderr, whatever RUST_LOG says: this undoes a protection.
+            eprintln!(
+                "sealvm: WARNING: accepting an older copy of {} (generation {old}, host counter \
+                 {host}); its next launch moves the counter past every other copy",
+                bundle.display()
+            );
+            println!(
+                "accepted {} as current: its generation {old} is now the host counter's {host}",
+                bundle.display()
             );
             Ok(())
         }

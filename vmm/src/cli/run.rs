@@ -211,7 +211,7 @@ fn run_bundle(
                 .into(),
         )
     })?;
-    let opened =
+    let mut opened =
         trusted_launch::attest_and_open(bundle_path, helper_disk, &args.trusted.tcti, true)?;
     check_signals(signals)?;
     let verified = trusted_launch::read_verified_boot_files(
@@ -220,6 +220,12 @@ fn run_bundle(
         args.initramfs.as_deref(),
     )?;
     test_pause_after_boot_verify();
+    if let Some(generation) =
+        trusted_launch::advance_rollback(&mut opened, &args.trusted.tcti, test_crash_in_rollback)?
+    {
+        tracing::info!(generation, "rollback generation advanced");
+    }
+    check_signals(signals)?;
     let vtpm = Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)?;
     check_signals(signals)?;
     let VtpmEndpoint::Unix { data, .. } = vtpm.endpoint().clone() else {
@@ -275,6 +281,17 @@ fn run_bundle(
         bundle_path.display()
     );
     report(reason)
+}
+
+/// Test hook, debug builds only: with `SEALVM_TEST_CRASH_IN_ROLLBACK=1`, aborts the process
+/// between the bundle's rollback-generation write and the host counter increment, as a
+/// power cut there would, so a test can show the next launch still works.
+fn test_crash_in_rollback() {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("SEALVM_TEST_CRASH_IN_ROLLBACK").is_some() {
+        eprintln!("sealvm: test crash between the rollback steps");
+        std::process::abort();
+    }
 }
 
 /// Test hook, debug builds only: sleeps `SEALVM_TEST_PAUSE_AFTER_BOOT_VERIFY_MS` between
