@@ -6,15 +6,20 @@
 //! with the eight blocks interleaved so that both AES units stay busy, whitened again and
 //! stored once.
 //!
-//! AES-NI and AVX are detected at run time by [`Xts128::new`], and an [`Xts128`] exists
-//! only once they have been, which is what makes the calls into the `#[target_feature]`
-//! functions below sound.
+//! Where the CPU has VAES (with AVX2), the same loop runs on 256-bit registers holding two
+//! blocks each ([`xts_vaes`]), so one AES instruction does two blocks' rounds.
+//!
+//! AES-NI and AVX (and VAES and AVX2) are detected at run time by [`Xts128::new`], and an
+//! [`Xts128`] exists only once they have been, which is what makes the calls into the
+//! `#[target_feature]` functions below sound.
 
 use super::{BLOCKS_PER_SECTOR, SECTOR_SIZE};
 use core::arch::x86_64::{
-    __m128i, _mm_aesdec_si128, _mm_aesdeclast_si128, _mm_aesenc_si128, _mm_aesenclast_si128,
-    _mm_aesimc_si128, _mm_aeskeygenassist_si128, _mm_loadu_si128, _mm_set_epi64x,
-    _mm_shuffle_epi32, _mm_slli_si128, _mm_storeu_si128, _mm_xor_si128,
+    __m128i, __m256i, _mm256_aesdec_epi128, _mm256_aesdeclast_epi128, _mm256_aesenc_epi128,
+    _mm256_aesenclast_epi128, _mm256_broadcastsi128_si256, _mm256_loadu_si256, _mm256_storeu_si256,
+    _mm256_xor_si256, _mm_aesdec_si128, _mm_aesdeclast_si128, _mm_aesenc_si128,
+    _mm_aesenclast_si128, _mm_aesimc_si128, _mm_aeskeygenassist_si128, _mm_loadu_si128,
+    _mm_set_epi64x, _mm_shuffle_epi32, _mm_slli_si128, _mm_storeu_si128, _mm_xor_si128,
 };
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -32,24 +37,37 @@ pub(super) struct Xts128 {
     data_enc: Schedule,
     data_dec: Schedule,
     tweak_enc: Schedule,
+    /// The CPU has VAES and AVX2: two blocks per AES instruction (see [`xts_vaes`]).
+    vaes: bool,
 }
 
 impl Xts128 {
     /// Expands the two 16-byte halves of an XTS-AES-128 key (data key first), or returns
     /// `None` when this CPU lacks AES-NI or AVX.
     pub(super) fn new(key: &[u8; 32]) -> Option<Box<Self>> {
+        Self::with_vaes(key, true)
+    }
+
+    /// [`Xts128::new`], taking the VAES path only when `allow_vaes` and the CPU has it (the
+    /// tests run both paths).
+    pub(super) fn with_vaes(key: &[u8; 32], allow_vaes: bool) -> Option<Box<Self>> {
         if !(std::is_x86_feature_detected!("aes") && std::is_x86_feature_detected!("avx")) {
             return None;
         }
+        let vaes = allow_vaes
+            && std::is_x86_feature_detected!("vaes")
+            && std::is_x86_feature_detected!("avx2");
         let mut keys = Box::new(Self {
             data_enc: [[0; 16]; ROUND_KEYS],
             data_dec: [[0; 16]; ROUND_KEYS],
             tweak_enc: [[0; 16]; ROUND_KEYS],
+            vaes,
         });
         let Self {
             data_enc,
             data_dec,
             tweak_enc,
+            ..
         } = &mut *keys;
         // SAFETY: AES-NI was detected just above, which is all these functions require.
         unsafe {
@@ -60,16 +78,32 @@ impl Xts128 {
         Some(keys)
     }
 
+    /// True when this cipher runs on VAES.
+    #[cfg(test)]
+    pub(super) fn uses_vaes(&self) -> bool {
+        self.vaes
+    }
+
     /// Encrypts whole sectors in place; `buf.len()` must be a multiple of [`SECTOR_SIZE`].
     pub(super) fn encrypt(&self, buf: &mut [u8], first_sector: u64) {
-        // SAFETY: `self` exists only after `new` detected AES-NI and AVX on this CPU.
-        unsafe { xts::<false>(&self.data_enc, &self.tweak_enc, buf, first_sector) }
+        if self.vaes {
+            // SAFETY: `vaes` is set only when VAES, AVX2 and AES-NI were detected.
+            unsafe { xts_vaes::<false>(&self.data_enc, &self.tweak_enc, buf, first_sector) }
+        } else {
+            // SAFETY: `self` exists only after `new` detected AES-NI and AVX on this CPU.
+            unsafe { xts::<false>(&self.data_enc, &self.tweak_enc, buf, first_sector) }
+        }
     }
 
     /// Decrypts whole sectors in place; `buf.len()` must be a multiple of [`SECTOR_SIZE`].
     pub(super) fn decrypt(&self, buf: &mut [u8], first_sector: u64) {
-        // SAFETY: `self` exists only after `new` detected AES-NI and AVX on this CPU.
-        unsafe { xts::<true>(&self.data_dec, &self.tweak_enc, buf, first_sector) }
+        if self.vaes {
+            // SAFETY: `vaes` is set only when VAES, AVX2 and AES-NI were detected.
+            unsafe { xts_vaes::<true>(&self.data_dec, &self.tweak_enc, buf, first_sector) }
+        } else {
+            // SAFETY: `self` exists only after `new` detected AES-NI and AVX on this CPU.
+            unsafe { xts::<true>(&self.data_dec, &self.tweak_enc, buf, first_sector) }
+        }
     }
 }
 
@@ -217,6 +251,96 @@ unsafe fn xts<const DECRYPT: bool>(
         }
     }
 }
+
+/// Blocks per VAES batch: eight 256-bit registers of two blocks each.
+const VAES_BATCH: usize = 16;
+
+/// [`xts`] on VAES: the same computation with two blocks per 256-bit register and eight
+/// registers in flight, so each AES instruction does the work of two. The sector tweaks are
+/// enciphered as in [`xts`]; the per-block tweaks T·α^j are doubled on the integer units
+/// into an array and loaded in pairs.
+///
+/// # Safety
+/// The CPU must support AES-NI, AVX2 and VAES.
+#[target_feature(enable = "aes,avx,avx2,vaes")]
+unsafe fn xts_vaes<const DECRYPT: bool>(
+    data: &Schedule,
+    tweak: &Schedule,
+    buf: &mut [u8],
+    first_sector: u64,
+) {
+    // SAFETY: every 128-bit load and store reads or writes one 16-byte array (round key,
+    // u128); every 256-bit one reads two consecutive u128 of `tweaks` (`2 * i + 1 < 32`) or
+    // a 32-byte chunk of `buf` from `chunks_exact_mut(32)`; the rest computes on values; the
+    // features are the caller's promise.
+    unsafe {
+        let rk: [__m256i; ROUND_KEYS] = load_schedule(data).map(|k| _mm256_broadcastsi128_si256(k));
+        let tk: [__m128i; ROUND_KEYS] = load_schedule(tweak);
+        let mut sector = first_sector;
+        for group in buf.chunks_mut(LANES * SECTOR_SIZE) {
+            let mut t = [tk[0]; LANES];
+            for (i, x) in t.iter_mut().enumerate() {
+                let plain64 = sector.wrapping_add(i as u64);
+                *x = _mm_xor_si128(_mm_set_epi64x(0, plain64 as i64), tk[0]);
+            }
+            for k in &tk[1..ROUND_KEYS - 1] {
+                for x in &mut t {
+                    *x = _mm_aesenc_si128(*x, *k);
+                }
+            }
+            let mut sector_tweaks = [0u128; LANES];
+            for (x, out) in t.iter().zip(&mut sector_tweaks) {
+                let x = _mm_aesenclast_si128(*x, tk[ROUND_KEYS - 1]);
+                _mm_storeu_si128((out as *mut u128).cast(), x);
+            }
+            for (sector_buf, mut tweak) in group.chunks_exact_mut(SECTOR_SIZE).zip(sector_tweaks) {
+                let mut tweaks = [0u128; BLOCKS_PER_SECTOR];
+                for t in &mut tweaks {
+                    *t = tweak;
+                    tweak = double(tweak);
+                }
+                for (batch_index, batch) in sector_buf.chunks_exact_mut(VAES_BATCH * 16).enumerate()
+                {
+                    let pairs = &tweaks[batch_index * VAES_BATCH..(batch_index + 1) * VAES_BATCH];
+                    let mut tw = [rk[0]; VAES_BATCH / 2];
+                    let mut x = [rk[0]; VAES_BATCH / 2];
+                    for (i, ((w, b), block)) in tw
+                        .iter_mut()
+                        .zip(&mut x)
+                        .zip(batch.chunks_exact(32))
+                        .enumerate()
+                    {
+                        *w = _mm256_loadu_si256(pairs[2 * i..].as_ptr().cast());
+                        let block = _mm256_loadu_si256(block.as_ptr().cast());
+                        *b = _mm256_xor_si256(block, _mm256_xor_si256(*w, rk[0]));
+                    }
+                    for k in &rk[1..ROUND_KEYS - 1] {
+                        for b in &mut x {
+                            *b = if DECRYPT {
+                                _mm256_aesdec_epi128(*b, *k)
+                            } else {
+                                _mm256_aesenc_epi128(*b, *k)
+                            };
+                        }
+                    }
+                    for ((w, b), block) in tw.iter().zip(&x).zip(batch.chunks_exact_mut(32)) {
+                        let last = _mm256_xor_si256(*w, rk[ROUND_KEYS - 1]);
+                        let out = if DECRYPT {
+                            _mm256_aesdeclast_epi128(*b, last)
+                        } else {
+                            _mm256_aesenclast_epi128(*b, last)
+                        };
+                        _mm256_storeu_si256(block.as_mut_ptr().cast(), out);
+                    }
+                }
+            }
+            sector = sector.wrapping_add((group.len() / SECTOR_SIZE) as u64);
+        }
+    }
+}
+
+// Every sector splits into whole VAES batches.
+const _: () = assert!(BLOCKS_PER_SECTOR % VAES_BATCH == 0);
 
 /// Loads a key schedule into registers (SSE2 only, part of the x86_64 baseline).
 #[inline]
