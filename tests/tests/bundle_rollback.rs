@@ -226,3 +226,26 @@ fn accept_rollback_takes_an_older_copy_on_purpose() {
         String::from_utf8_lossy(&relaunch.stderr)
     );
 }
+
+#[test]
+fn a_sealed_record_naming_another_counter_is_refused() {
+    let Some(site) = Site::new() else { return };
+    let (bundle, helper) = site.provision();
+    let id = site.inspect(&bundle, &helper)["bundle_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The helper partition is not authenticated: point the record at another counter (one
+    // whose value an attacker could keep low). The bundle's authenticated superblock says
+    // otherwise, and the launch is refused.
+    let partition = sealvm_trust::helper_partition::SealedPartition::open(&helper, true).unwrap();
+    let mut record = partition.get(&id).unwrap();
+    record.rollback_counter = record.rollback_counter.map(|index| index + 1);
+    partition.put(record).unwrap();
+    drop(partition);
+    let refused = site.launch(&bundle, &helper, &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("rollback counter"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&refused.stdout).contains("PROBE"));
+}

@@ -4,7 +4,8 @@
 //!
 //! The boot path of a VMM, in order: [`attest_and_open`] → [`read_verified_boot_files`]
 //! (the kernel and initramfs read once and checked against [`OpenedBundle::manifest`]; the
-//! VMM boots the returned bytes, never the paths) → start the guest's vTPM with
+//! VMM boots the returned bytes, never the paths) → [`advance_rollback`] (the bundle's
+//! generation, then the host TPM counter) → start the guest's vTPM with
 //! `crate::tpm::vtpm::Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)` and
 //! point a TPM CRB device at its unix sockets → serve the disk through
 //! `Bundle::read_disk`/`write_disk` (per-sector XTS, no plaintext on disk) → on shutdown
