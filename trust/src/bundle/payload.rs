@@ -439,7 +439,7 @@ impl Bundle {
 
     fn check_disk(&self, offset: u64, len: usize) -> Result<(), BundleError> {
         let end = offset.saturating_add(len as u64);
-        if offset % SECTOR_SIZE as u64 != 0 || end > self.superblock.disk_bytes {
+        if !offset.is_multiple_of(SECTOR_SIZE as u64) || end > self.superblock.disk_bytes {
             return Err(VolumeError::OutOfRange {
                 first: offset / SECTOR_SIZE as u64,
                 end: end.div_ceil(SECTOR_SIZE as u64),

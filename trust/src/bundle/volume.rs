@@ -111,7 +111,7 @@ impl EncryptedVolume {
     }
 
     fn check_range(&self, first: u64, len: usize) -> Result<(), VolumeError> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(XtsError::NotSectorAligned(len).into());
         }
         let end = first.saturating_add((len / SECTOR_SIZE) as u64);

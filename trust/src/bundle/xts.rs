@@ -181,7 +181,7 @@ fn xts(
 }
 
 fn check_aligned(buf: &[u8]) -> Result<(), XtsError> {
-    if buf.len() % SECTOR_SIZE != 0 {
+    if !buf.len().is_multiple_of(SECTOR_SIZE) {
         return Err(XtsError::NotSectorAligned(buf.len()));
     }
     Ok(())

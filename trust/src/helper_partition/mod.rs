@@ -224,7 +224,7 @@ impl SealedPartition {
             return Err(HelperPartitionError::Full(json.len() as u64));
         }
         // Generation g lives in half g % 2, so the newest copy is never overwritten.
-        let half = if generation % 2 == 0 {
+        let half = if generation.is_multiple_of(2) {
             0
         } else {
             self.layout.half

@@ -369,7 +369,7 @@ unsafe fn mul_alpha<const K: i32>(x: __m256i) -> __m256i {
 }
 
 // Every sector splits into whole VAES batches.
-const _: () = assert!(BLOCKS_PER_SECTOR % VAES_BATCH == 0 && VAES_BATCH == 16);
+const _: () = assert!(BLOCKS_PER_SECTOR.is_multiple_of(VAES_BATCH) && VAES_BATCH == 16);
 
 /// Loads a key schedule into registers (SSE2 only, part of the x86_64 baseline).
 #[inline]
@@ -385,4 +385,4 @@ fn double(t: u128) -> u128 {
 }
 
 // Every sector splits into whole batches of `LANES` blocks.
-const _: () = assert!(BLOCKS_PER_SECTOR % LANES == 0);
+const _: () = assert!(BLOCKS_PER_SECTOR.is_multiple_of(LANES));
