@@ -28,8 +28,8 @@ const INITRAMFS_ALIGN: u64 = 4096;
 /// Errors loading what the guest boots.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel file cannot be read.
-    #[error("cannot read kernel {path}")]
+    /// The kernel file cannot be opened or read.
+    #[error("cannot open kernel {path}")]
     KernelFile {
         /// The path given.
         path: String,
