@@ -4,7 +4,9 @@
 //! they return. Nothing here boots a VM.
 
 use crate::bundle::luks1::{self, LuksError};
-use crate::bundle::payload::{Bundle, BundleError, DiskSource, RollbackMark, VmManifest};
+use crate::bundle::payload::{
+    Bundle, BundleError, CreateOptions, DiskSource, RollbackMark, VmManifest,
+};
 use crate::helper_partition::{HelperPartitionError, SealedPartition};
 use crate::launch::{self, LaunchError};
 use crate::tpm::scratch::Scratch;
@@ -91,8 +93,8 @@ pub fn manifest_for(
     })
 }
 
-/// Creates the bundle at `path` (which must not exist): encrypts `disk` into it, records
-/// `manifest`, manufactures a vTPM, and seals a fresh key-slot secret to `pcrs` of the host
+/// Creates the bundle at `path` (which must not exist): encrypts `disk` into it (with a MAC
+/// per sector when `options.integrity`), records `manifest`, manufactures a vTPM, and seals a fresh key-slot secret to `pcrs` of the host
 /// TPM into the helper partition. Returns the bundle id. On failure nothing is left behind.
 pub fn create(
     path: &Path,
@@ -100,12 +102,13 @@ pub fn create(
     pcrs: &[u8],
     manifest: &VmManifest,
     disk: DiskSource<'_>,
+    options: CreateOptions,
 ) -> Result<String, ProvisionError> {
     // Check the helper partition and TPM before writing anything.
     let partition = SealedPartition::open(&host.helper_disk, true)?;
     let mut host = HostTpm::connect(&host.tcti)?;
     let secret = new_secret()?;
-    let mut bundle = Bundle::create(path, secret.as_bytes(), manifest, &[], disk)?;
+    let mut bundle = Bundle::create_with(path, secret.as_bytes(), manifest, &[], disk, options)?;
     let result = (|| {
         let state = manufacture_vtpm(&launch::vtpm_key_hex(&bundle))?;
         bundle.write_vtpm_state(&state)?;
@@ -195,6 +198,7 @@ pub struct Inspection {
     vtpm_generation: Option<u64>,
     rollback_counter: Option<u32>,
     rollback_generation: Option<u64>,
+    disk_integrity: Option<bool>,
     /// Each check that could not be made or failed, with its error chain.
     pub failures: Vec<InspectFailure>,
 }
@@ -251,6 +255,7 @@ pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionEr
         vtpm_generation: None,
         rollback_counter: None,
         rollback_generation: None,
+        disk_integrity: None,
         failures: Vec::new(),
     };
     let fail = |check: &'static str, error: &dyn std::error::Error| InspectFailure {
@@ -290,6 +295,7 @@ pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionEr
             let mark = opened.bundle.rollback_mark();
             out.rollback_counter = mark.map(|m| m.counter_index);
             out.rollback_generation = mark.map(|m| m.generation);
+            out.disk_integrity = Some(opened.bundle.has_integrity());
             out.manifest = Some(opened.manifest);
         }
         Err(error) if !trusted => out.failures.push(fail("host attestation", &error)),

@@ -38,6 +38,7 @@
 //! requires its generation to match, so a tampered active slot is an error, never a silent
 //! fall-back to older state.
 
+use super::integrity::{self, SectorMac, TagEntry};
 use super::luks1::{self, LuksError, MasterKey};
 use super::volume::{EncryptedVolume, VolumeError};
 use super::xts::SECTOR_SIZE;
@@ -47,10 +48,15 @@ use sha2::Sha256;
 use std::fs::{File, OpenOptions};
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Mutex;
 use zeroize::Zeroizing;
 
 /// The payload format version this module writes and reads.
 pub const PAYLOAD_VERSION: u32 = 1;
+/// The payload version of `--integrity` bundles (flags bit 0 set): the guest disk is
+/// followed by a tag region ([`super::integrity`]). Older readers refuse it.
+pub const PAYLOAD_VERSION_INTEGRITY: u32 = 2;
+const FLAG_INTEGRITY: u32 = 1;
 const MAGIC: [u8; 8] = *b"SEALVMB\0";
 const MIB: u64 = 1 << 20;
 const MANIFEST_OFFSET: u64 = 4096;
@@ -121,6 +127,16 @@ pub enum BundleError {
         /// Bytes available.
         capacity: u64,
     },
+    /// A guest-disk sector failed its integrity check (`--integrity` bundles): its
+    /// ciphertext, its tag or its place was changed outside sealvm, or a crash tore its
+    /// write. The sector is not returned.
+    #[error(
+        "guest disk sector {sector} failed its integrity check (tampered, or torn by a crash)"
+    )]
+    DiskIntegrity {
+        /// The disk sector (512 bytes) that failed.
+        sector: u64,
+    },
     /// The manifest is not valid JSON for [`VmManifest`].
     #[error("manifest JSON")]
     ManifestJson(#[source] serde_json::Error),
@@ -162,6 +178,8 @@ struct Superblock {
     active_slot: u32,
     generation: u64,
     rollback: Option<RollbackMark>,
+    /// Payload version 2: the disk carries per-sector tags (see [`super::integrity`]).
+    integrity: bool,
 }
 
 /// A bundle's authenticated rollback mark: which host TPM counter guards it and the value
@@ -182,6 +200,16 @@ pub struct Bundle {
     superblock: Superblock,
     master_key: MasterKey,
     hmac_key: Zeroizing<Vec<u8>>,
+    /// The sector MAC of an `--integrity` bundle, and the lock that makes a tag sector's
+    /// read-modify-write atomic against concurrent writers of neighbouring sectors.
+    integrity: Option<(SectorMac, Mutex<()>)>,
+}
+
+/// Options of [`Bundle::create_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateOptions {
+    /// Give every disk sector a MAC checked on every read (payload version 2).
+    pub integrity: bool,
 }
 
 /// Where the guest disk's initial contents come from.
@@ -200,6 +228,25 @@ impl Bundle {
         manifest: &VmManifest,
         vtpm_state: &[u8],
         disk: DiskSource<'_>,
+    ) -> Result<Self, BundleError> {
+        Self::create_with(
+            path,
+            secret,
+            manifest,
+            vtpm_state,
+            disk,
+            CreateOptions::default(),
+        )
+    }
+
+    /// [`Self::create`] with options (`--integrity`).
+    pub fn create_with(
+        path: &Path,
+        secret: &[u8],
+        manifest: &VmManifest,
+        vtpm_state: &[u8],
+        disk: DiskSource<'_>,
+        options: CreateOptions,
     ) -> Result<Self, BundleError> {
         let file_err = |p: &Path| {
             let path = p.display().to_string();
@@ -220,12 +267,19 @@ impl Bundle {
             .create_new(true)
             .open(path)
             .map_err(file_err(path))?;
-        let (header, master_key) = luks1::format(&file, secret, DISK_OFFSET + disk_bytes)?;
+        let tag_bytes = if options.integrity {
+            integrity::region_bytes(disk_bytes)
+        } else {
+            0
+        };
+        let (header, master_key) =
+            luks1::format(&file, secret, DISK_OFFSET + disk_bytes + tag_bytes)?;
         let volume = EncryptedVolume::new(file, &header, &master_key)?;
         let mut bundle_id = [0u8; 16];
         getrandom::getrandom(&mut bundle_id).map_err(LuksError::Random)?;
         let mut bundle = Self {
             hmac_key: derive_key(&master_key, b"sealvm bundle hmac v1"),
+            integrity: options.integrity.then(|| integrity_mac(&master_key)),
             header,
             volume,
             superblock: Superblock {
@@ -234,6 +288,7 @@ impl Bundle {
                 active_slot: 1,
                 generation: 0,
                 rollback: None,
+                integrity: options.integrity,
             },
             master_key,
         };
@@ -262,10 +317,16 @@ impl Bundle {
         let volume = EncryptedVolume::new(file, &header, &master_key)?;
         let hmac_key = derive_key(&master_key, b"sealvm bundle hmac v1");
         let superblock = read_superblock(&volume, &hmac_key)?;
-        if DISK_OFFSET + superblock.disk_bytes > volume.sectors() * SECTOR_SIZE as u64 {
+        let tag_bytes = if superblock.integrity {
+            integrity::region_bytes(superblock.disk_bytes)
+        } else {
+            0
+        };
+        if DISK_OFFSET + superblock.disk_bytes + tag_bytes > volume.sectors() * SECTOR_SIZE as u64 {
             return Err(BundleError::Integrity(Region::Superblock));
         }
         Ok(Self {
+            integrity: superblock.integrity.then(|| integrity_mac(&master_key)),
             header,
             volume,
             superblock,
@@ -410,20 +471,80 @@ impl Bundle {
         Ok(None)
     }
 
-    /// Reads guest-disk bytes at `offset` (both sector aligned), decrypting them.
+    /// Reads guest-disk bytes at `offset` (both sector aligned), decrypting them. In an
+    /// `--integrity` bundle every sector's tag is checked first; a sector that fails is
+    /// [`BundleError::DiskIntegrity`] and nothing of the request is returned.
     pub fn read_disk(&self, offset: u64, buf: &mut [u8]) -> Result<(), BundleError> {
         self.check_disk(offset, buf.len())?;
-        Ok(self
-            .volume
-            .read_sectors((DISK_OFFSET + offset) / SECTOR_SIZE as u64, buf)?)
+        let first = (DISK_OFFSET + offset) / SECTOR_SIZE as u64;
+        let Some((mac, _)) = &self.integrity else {
+            return Ok(self.volume.read_sectors(first, buf)?);
+        };
+        let disk_sector = offset / SECTOR_SIZE as u64;
+        let count = (buf.len() / SECTOR_SIZE) as u64;
+        let (_, tags) = self.read_tags(disk_sector, count)?;
+        let base = disk_sector % integrity::ENTRIES_PER_SECTOR;
+        self.volume.read_sectors_checked(first, buf, |ciphertext| {
+            for (i, sector) in ciphertext.chunks_exact(SECTOR_SIZE).enumerate() {
+                let at = base as usize + i;
+                let entry = TagEntry::read(
+                    &tags[at / 16 * SECTOR_SIZE..(at / 16 + 1) * SECTOR_SIZE],
+                    at % 16,
+                );
+                let expected = mac.tag(first + i as u64, entry.generation, sector);
+                if !integrity::tags_equal(&expected, &entry.tag) {
+                    return Err(BundleError::DiskIntegrity {
+                        sector: disk_sector + i as u64,
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
-    /// Writes guest-disk bytes at `offset` (both sector aligned), encrypting them.
+    /// Writes guest-disk bytes at `offset` (both sector aligned), encrypting them; in an
+    /// `--integrity` bundle also each sector's tag, with its write generation advanced.
     pub fn write_disk(&self, offset: u64, data: &[u8]) -> Result<(), BundleError> {
         self.check_disk(offset, data.len())?;
-        Ok(self
-            .volume
-            .write_sectors((DISK_OFFSET + offset) / SECTOR_SIZE as u64, data)?)
+        let first = (DISK_OFFSET + offset) / SECTOR_SIZE as u64;
+        let Some((mac, lock)) = &self.integrity else {
+            return Ok(self.volume.write_sectors(first, data)?);
+        };
+        // Neighbouring sectors share tag sectors: one writer at a time per bundle.
+        let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let disk_sector = offset / SECTOR_SIZE as u64;
+        let count = (data.len() / SECTOR_SIZE) as u64;
+        let (tag_first, mut tags) = self.read_tags(disk_sector, count)?;
+        let base = disk_sector % integrity::ENTRIES_PER_SECTOR;
+        self.volume
+            .write_sectors_observed(first, data, |ciphertext| {
+                for (i, sector) in ciphertext.chunks_exact(SECTOR_SIZE).enumerate() {
+                    let at = base as usize + i;
+                    let slice = &mut tags[at / 16 * SECTOR_SIZE..(at / 16 + 1) * SECTOR_SIZE];
+                    let mut entry = TagEntry::read(slice, at % 16);
+                    entry.generation = entry.generation.wrapping_add(1);
+                    entry.tag = mac.tag(first + i as u64, entry.generation, sector);
+                    entry.write(slice, at % 16);
+                }
+            })?;
+        Ok(self.volume.write_sectors(tag_first, &tags)?)
+    }
+
+    /// The tag sectors covering disk sectors `disk_sector..disk_sector + count`: the payload
+    /// sector of the first, and their contents.
+    fn read_tags(&self, disk_sector: u64, count: u64) -> Result<(u64, Vec<u8>), BundleError> {
+        let region = (DISK_OFFSET + self.superblock.disk_bytes) / SECTOR_SIZE as u64;
+        let first_tag = disk_sector / integrity::ENTRIES_PER_SECTOR;
+        let last_tag = (disk_sector + count.max(1) - 1) / integrity::ENTRIES_PER_SECTOR;
+        let mut tags = vec![0u8; ((last_tag - first_tag + 1) as usize) * SECTOR_SIZE];
+        self.volume.read_sectors(region + first_tag, &mut tags)?;
+        Ok((region + first_tag, tags))
+    }
+
+    /// True for an `--integrity` bundle.
+    pub fn has_integrity(&self) -> bool {
+        self.integrity.is_some()
     }
 
     /// Flushes the container to stable storage.
@@ -578,6 +699,12 @@ fn record_mac(key: &[u8], domain: &[u8], id: &[u8; 16], prefix: &[u8], head: &[u
     m
 }
 
+/// The sector MAC of an `--integrity` bundle, keyed from its master key.
+fn integrity_mac(master_key: &[u8]) -> (SectorMac, Mutex<()>) {
+    let key = derive_key(master_key, b"sealvm disk integrity v1");
+    (SectorMac::new(&key), Mutex::new(()))
+}
+
 fn derive_key(master_key: &[u8], label: &[u8]) -> Zeroizing<Vec<u8>> {
     let mut m =
         <HmacSha256 as Mac>::new_from_slice(master_key).expect("HMAC accepts any key length");
@@ -588,7 +715,12 @@ fn derive_key(master_key: &[u8], label: &[u8]) -> Zeroizing<Vec<u8>> {
 fn superblock_bytes(sb: &Superblock, hmac_key: &[u8]) -> [u8; SECTOR_SIZE] {
     let mut b = [0u8; SECTOR_SIZE];
     b[0..8].copy_from_slice(&MAGIC);
-    b[8..12].copy_from_slice(&PAYLOAD_VERSION.to_le_bytes());
+    if sb.integrity {
+        b[8..12].copy_from_slice(&PAYLOAD_VERSION_INTEGRITY.to_le_bytes());
+        b[12..16].copy_from_slice(&FLAG_INTEGRITY.to_le_bytes());
+    } else {
+        b[8..12].copy_from_slice(&PAYLOAD_VERSION.to_le_bytes());
+    }
     b[16..32].copy_from_slice(&sb.bundle_id);
     let fields = [
         MANIFEST_OFFSET,
@@ -632,9 +764,12 @@ fn parse_superblock(b: &[u8; SECTOR_SIZE], hmac_key: &[u8]) -> Result<Superblock
     }
     let le64 = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
     let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    if version != PAYLOAD_VERSION {
-        return Err(BundleError::UnsupportedVersion(version));
-    }
+    let flags = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    let integrity = match (version, flags) {
+        (PAYLOAD_VERSION, 0) => false,
+        (PAYLOAD_VERSION_INTEGRITY, FLAG_INTEGRITY) => true,
+        _ => return Err(BundleError::UnsupportedVersion(version)),
+    };
     let layout = [le64(32), le64(40), le64(48), le64(56), le64(64)];
     if layout
         != [
@@ -665,6 +800,7 @@ fn parse_superblock(b: &[u8; SECTOR_SIZE], hmac_key: &[u8]) -> Result<Superblock
                 generation: le64(104),
             }),
         },
+        integrity,
     })
 }
 

@@ -3,7 +3,7 @@
 
 use crate::cli::size::parse_size;
 use clap::{Args, Subcommand};
-use sealvm_trust::bundle::payload::DiskSource;
+use sealvm_trust::bundle::payload::{CreateOptions, DiskSource};
 use sealvm_trust::provision::{self, HostAccess, ProvisionError};
 use sealvm_trust::tpm::{self, TpmError, DEFAULT_TCTI};
 use std::path::PathBuf;
@@ -67,6 +67,10 @@ enum BundleCommand {
         /// Size of an empty disk instead of --disk.
         #[arg(long, value_parser = parse_size)]
         disk_size: Option<u64>,
+        /// Tamper-evident disk: a MAC per sector, checked on every read (a changed sector
+        /// is an I/O error to the guest, never wrong data). Costs 1/16 more space.
+        #[arg(long)]
+        integrity: bool,
     },
     /// Show the LUKS header and sealed policy; with a trusted host, the manifest too. Never
     /// prints keys. Exits non-zero, naming each check, when it could not check something
@@ -143,6 +147,7 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
             memory,
             disk,
             disk_size,
+            integrity,
         } => {
             let manifest =
                 provision::manifest_for(&kernel, initramfs.as_deref(), cmdline, cpus, memory)?;
@@ -152,7 +157,14 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
                 (None, None) => return Err(BundleCliError::NoDisk),
             };
             let pcrs = tpm::parse_pcr_list(&pcrs)?;
-            let id = provision::create(&bundle, &tpm.host(), &pcrs, &manifest, source)?;
+            let id = provision::create(
+                &bundle,
+                &tpm.host(),
+                &pcrs,
+                &manifest,
+                source,
+                CreateOptions { integrity },
+            )?;
             println!("{id}");
             Ok(())
         }
