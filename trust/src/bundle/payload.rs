@@ -111,6 +111,15 @@ pub enum BundleError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process has the bundle open for writing (a running launch).
+    #[error("bundle {path} is in use by another sealvm (one writer at a time)")]
+    InUse {
+        /// The bundle.
+        path: String,
+        /// Why the lock was not granted.
+        #[source]
+        source: sealvm_os::lock::LockError,
+    },
     /// A region's HMAC, magic or bounds check failed: the bundle was tampered with or damaged.
     #[error("{0} failed its integrity check (tampered or damaged bundle)")]
     Integrity(Region),
@@ -313,6 +322,19 @@ impl Bundle {
                 path: path.display().to_string(),
                 source,
             })?;
+        if writable {
+            // One writer per bundle: two launches of one bundle would serve one disk to
+            // two guests and race the rollback counter. Held as long as the file is open.
+            sealvm_os::lock::lock(
+                &file,
+                sealvm_os::lock::LockMode::Exclusive,
+                sealvm_os::lock::Wait::NoWait,
+            )
+            .map_err(|source| BundleError::InUse {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
         let (header, master_key, _) = luks1::unlock(&file, secret)?;
         let volume = EncryptedVolume::new(file, &header, &master_key)?;
         let hmac_key = derive_key(&master_key, b"sealvm bundle hmac v1");

@@ -231,3 +231,21 @@ fn rollback_mark_is_authenticated_and_survives_vtpm_write_back() {
         Err(BundleError::Integrity(Region::Superblock))
     ));
 }
+
+#[test]
+fn a_bundle_has_one_writer_at_a_time_and_readers_alongside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.svm");
+    drop(create(&path));
+    let writer = Bundle::open(&path, SECRET, true).unwrap();
+    assert!(matches!(
+        Bundle::open(&path, SECRET, true),
+        Err(BundleError::InUse { .. })
+    ));
+    assert!(
+        Bundle::open(&path, SECRET, false).is_ok(),
+        "a reader was refused"
+    );
+    drop(writer);
+    assert!(Bundle::open(&path, SECRET, true).is_ok());
+}
