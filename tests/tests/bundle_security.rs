@@ -611,3 +611,50 @@ fn sigkill_leaves_no_swtpm_and_the_next_start_removes_the_scratch() {
         assert!(!dir.exists(), "{} left after the next start", dir.display());
     }
 }
+
+#[test]
+fn sigterm_stops_a_plain_run_as_a_power_off() {
+    let Some(site) = Site::new() else { return };
+    let disk = site.path("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let stdout = site.path("plain.out");
+    let stderr = site.path("plain.err");
+    let child = Command::new(&site.sealvm)
+        .args([
+            "run",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "probe.linger=1",
+            "--kernel",
+        ])
+        .arg(&site.probe)
+        .arg("--disk")
+        .arg(format!("path={}", disk.display()))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut run = Launch {
+        child,
+        stdout,
+        stderr,
+    };
+    assert!(
+        run.wait_for("PROBE DONE", false, Duration::from_secs(60)),
+        "{}",
+        run.stdout()
+    );
+    run.signal(libc::SIGTERM);
+    let status = run.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}: {}", run.stderr());
+    assert!(
+        run.stderr().contains("stopped by SIGTERM"),
+        "{}",
+        run.stderr()
+    );
+}
