@@ -248,6 +248,16 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The state directory swtpm `pid` serves from (its `--tpmstate dir=` argument).
+fn swtpm_state_dir(pid: u32) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    cmdline
+        .split(|&b| b == 0)
+        .filter_map(|arg| std::str::from_utf8(arg).ok())
+        .find_map(|arg| arg.strip_prefix("dir="))
+        .map(|value| PathBuf::from(value.split(',').next().unwrap_or(value)))
+}
+
 /// The vTPM scratch directories of process `pid`.
 fn scratch_dirs_of(pid: u32) -> Vec<PathBuf> {
     let prefix = format!("sealvm-vtpm-{pid}-");
@@ -379,6 +389,16 @@ impl RootWatcher {
 #[test]
 fn vtpm_key_and_state_are_private_and_the_key_is_in_no_file() {
     let Some(site) = Site::new() else { return };
+    // Scratch directories already there (another sealvm, or an old one's leftovers) are
+    // not this test's business.
+    let preexisting: Vec<PathBuf> = std::fs::read_dir("/dev/shm")
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let ours = |path: &str| {
+        !preexisting
+            .iter()
+            .any(|p| path.starts_with(&*p.to_string_lossy()))
+    };
     let Some(watcher) = UnprivilegedWatcher::start() else {
         return;
     };
@@ -396,8 +416,17 @@ fn vtpm_key_and_state_are_private_and_the_key_is_in_no_file() {
         "{}",
         launch.stderr()
     );
-    let other_user = watcher.finish();
-    let seen = root.finish();
+    let other_user: String = watcher
+        .finish()
+        .lines()
+        .filter(|line| line.split_once(' ').is_some_and(|(_, path)| ours(path)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let seen: Vec<_> = root
+        .finish()
+        .into_iter()
+        .filter(|(path, _, _)| ours(&path.to_string_lossy()))
+        .collect();
 
     assert!(
         other_user.contains("SAW /dev/shm/sealvm-vtpm-"),
@@ -534,8 +563,13 @@ fn launch_and_signal(
     );
     let swtpm = swtpm_children(launch.child.id());
     assert_eq!(swtpm.len(), 1, "expected one swtpm child");
-    let scratch = scratch_dirs_of(launch.child.id());
-    assert_eq!(scratch.len(), 1, "expected one scratch directory");
+    let scratch: Vec<PathBuf> = swtpm_state_dir(swtpm[0]).into_iter().collect();
+    assert_eq!(scratch.len(), 1, "swtpm names no state directory");
+    assert!(
+        scratch[0].is_dir(),
+        "{} is not a directory",
+        scratch[0].display()
+    );
     launch.signal(signo);
     (launch, swtpm[0], scratch)
 }
