@@ -2,8 +2,10 @@
 //! bundle's sealed policy, unseal the key-slot secret, open the bundle and verify its
 //! regions.
 //!
-//! The boot path of a VMM, in order: [`attest_and_open`] → [`verify_boot_files`] (the
-//! kernel and initramfs against [`OpenedBundle::manifest`]) → start the guest's vTPM with
+//! The boot path of a VMM, in order: [`attest_and_open`] → [`read_verified_boot_files`]
+//! (the kernel and initramfs read once and checked against [`OpenedBundle::manifest`]; the
+//! VMM boots the returned bytes, never the paths) → [`advance_rollback`] (the bundle's
+//! generation, then the host TPM counter) → start the guest's vTPM with
 //! `crate::tpm::vtpm::Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)` and
 //! point a TPM CRB device at its unix sockets → serve the disk through
 //! `Bundle::read_disk`/`write_disk` (per-sector XTS, no plaintext on disk) → on shutdown
@@ -61,6 +63,32 @@ pub enum LaunchError {
         /// The file given.
         path: String,
     },
+    /// The bundle is an older copy than the host TPM's counter says was last launched.
+    #[error(
+        "this bundle is an older copy: generation {bundle}, the host TPM says {host} (restore \
+         the newest copy; if none survives, `sealvm bundle accept-rollback` takes this one, \
+         logged)"
+    )]
+    Rollback {
+        /// The generation recorded in the bundle.
+        bundle: u64,
+        /// The host TPM counter's value.
+        host: u64,
+    },
+    /// The sealed record and the bundle name different rollback counters (or only one has
+    /// one): one of them was tampered with or replaced by an older copy.
+    #[error(
+        "the bundle's rollback counter ({bundle:?}) differs from the sealed record's ({record:?})"
+    )]
+    RollbackCounterMismatch {
+        /// The NV index in the bundle's superblock.
+        bundle: Option<u32>,
+        /// The NV index in the sealed record.
+        record: Option<u32>,
+    },
+    /// The bundle has no rollback counter (made before rollback protection).
+    #[error("the bundle has no rollback counter (made before rollback protection)")]
+    NoRollbackCounter,
     /// A boot file could not be read.
     #[error("cannot read {path}")]
     BootFile {
@@ -142,20 +170,129 @@ pub fn attest_and_open(
     tcti: &str,
     writable: bool,
 ) -> Result<OpenedBundle, LaunchError> {
-    let (secret, report, mut timings) = attest_and_unseal(bundle, helper_disk, tcti)?;
+    let (_, opened) = attest_then_open(bundle, helper_disk, tcti, writable)?;
+    opened
+}
+
+/// [`attest_and_open`] that keeps the attestation report when a later step fails: the outer
+/// error means the host could not be attested at all (no sealed record, TPM unreachable);
+/// the inner result is the rest of the launch (trust decision, unseal, open, verify,
+/// rollback check).
+pub fn attest_then_open(
+    bundle: &Path,
+    helper_disk: &Path,
+    tcti: &str,
+    writable: bool,
+) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
+    attest_then_open_with(bundle, helper_disk, tcti, writable, true)
+}
+
+/// [`attest_then_open`] for writing, without the rollback check: only for
+/// `bundle accept-rollback`.
+pub(crate) fn attest_then_open_unchecked_rollback(
+    bundle: &Path,
+    helper_disk: &Path,
+    tcti: &str,
+) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
+    attest_then_open_with(bundle, helper_disk, tcti, true, false)
+}
+
+fn attest_then_open_with(
+    bundle: &Path,
+    helper_disk: &Path,
+    tcti: &str,
+    writable: bool,
+    check_rollback: bool,
+) -> Result<(AttestationReport, Result<OpenedBundle, LaunchError>), LaunchError> {
+    let sealed = sealed_record(bundle, helper_disk)?;
+    let mut tpm = HostTpm::connect(tcti)?;
     let start = Instant::now();
-    let opened = Bundle::open(bundle, &secret, writable)?;
-    let manifest = opened.manifest()?;
-    let vtpm_state = opened.vtpm_state()?;
-    timings.open = start.elapsed();
-    tracing::info!(bundle = %bundle.display(), id = %opened.id(), "bundle opened on attested host");
-    Ok(OpenedBundle {
-        bundle: opened,
-        manifest,
-        vtpm_state,
-        report,
-        timings,
-    })
+    let report = tpm.attest(&sealed)?;
+    let attest = start.elapsed();
+    let opened = (|| {
+        require_trusted(&report)?;
+        let start = Instant::now();
+        let secret = tpm.unseal(&sealed)?;
+        let unseal = start.elapsed();
+        let start = Instant::now();
+        let opened = Bundle::open(bundle, &secret, writable)?;
+        let manifest = opened.manifest()?;
+        let vtpm_state = opened.vtpm_state()?;
+        let mark = opened.rollback_mark();
+        if mark.map(|m| m.counter_index) != sealed.rollback_counter {
+            return Err(LaunchError::RollbackCounterMismatch {
+                bundle: mark.map(|m| m.counter_index),
+                record: sealed.rollback_counter,
+            });
+        }
+        if let (Some(mark), true) = (mark, check_rollback) {
+            let host = tpm.read_counter(mark.counter_index)?;
+            if mark.generation < host {
+                return Err(LaunchError::Rollback {
+                    bundle: mark.generation,
+                    host,
+                });
+            }
+        }
+        let timings = LaunchTimings {
+            attest,
+            unseal,
+            open: start.elapsed(),
+        };
+        tracing::info!(bundle = %bundle.display(), id = %opened.id(), "bundle opened on attested host");
+        Ok(OpenedBundle {
+            bundle: opened,
+            manifest,
+            vtpm_state,
+            report: report.clone(),
+            timings,
+        })
+    })();
+    Ok((report, opened))
+}
+
+/// Advances the bundle's rollback protection for a launch, before any guest code runs:
+/// writes generation `max(bundle, counter) + 1` into the bundle's authenticated superblock
+/// (synced), calls `between` (a crash-test seam), then increments the host TPM counter up
+/// to that generation. In that order a crash between the steps leaves the bundle one ahead
+/// of the counter, which still launches (a bundle is refused only when it is *behind*), and
+/// the counter never lags a completed launch, so every copy taken before this launch is
+/// refused afterwards. The other order would need a tolerance of one, and that would let
+/// the most recent copy back in. Returns the new generation; `None` for a bundle without a
+/// counter.
+pub fn advance_rollback(
+    opened: &mut OpenedBundle,
+    tcti: &str,
+    between: impl FnOnce(),
+) -> Result<Option<u64>, LaunchError> {
+    let Some(mark) = opened.bundle.rollback_mark() else {
+        tracing::warn!(id = %opened.bundle.id(), "bundle has no rollback counter: copies of it are not detected");
+        return Ok(None);
+    };
+    let mut tpm = HostTpm::connect(tcti)?;
+    let mut host = tpm.read_counter(mark.counter_index)?;
+    let target = mark.generation.max(host) + 1;
+    opened
+        .bundle
+        .write_rollback_mark(crate::bundle::payload::RollbackMark {
+            counter_index: mark.counter_index,
+            generation: target,
+        })?;
+    between();
+    // At most two steps: the bundle is never more than one ahead of the counter.
+    for _ in 0..2 {
+        if host >= target {
+            break;
+        }
+        host = tpm.increment_counter(mark.counter_index)?;
+    }
+    if host < target {
+        return Err(LaunchError::Rollback {
+            bundle: target,
+            host,
+        });
+    }
+    Ok(Some(target))
 }
 
 /// Turns an attestation report into the launch decision: an error naming the other TPM or
@@ -199,41 +336,62 @@ pub fn attest_and_unseal(
     Ok((secret, report, timings))
 }
 
-/// Checks the kernel and initramfs the VMM is about to load against the manifest's digests.
-pub fn verify_boot_files(
+/// A kernel and initramfs read once and verified against a manifest: the bytes to boot.
+/// Booting these bytes, never the paths again, is what makes the check hold (a file
+/// swapped after the check is never read).
+pub struct VerifiedBootFiles {
+    /// The kernel bytes whose SHA-256 matched.
+    pub kernel: Vec<u8>,
+    /// The initramfs bytes whose SHA-256 matched, when the manifest lists one.
+    pub initramfs: Option<Vec<u8>>,
+}
+
+/// Reads the kernel and initramfs the VMM is about to boot, each exactly once, and checks
+/// the bytes read against the manifest's digests; returns those bytes.
+pub fn read_verified_boot_files(
     manifest: &VmManifest,
     kernel: &Path,
     initramfs: Option<&Path>,
-) -> Result<(), LaunchError> {
-    let digest = |path: &Path| -> Result<String, LaunchError> {
-        use sha2::Digest as _;
-        let mut file = File::open(path).map_err(|source| LaunchError::BootFile {
+) -> Result<VerifiedBootFiles, LaunchError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| LaunchError::BootFile {
             path: path.display().to_string(),
             source,
-        })?;
-        let mut hasher = sha2::Sha256::new();
-        std::io::copy(&mut file, &mut hasher).map_err(|source| LaunchError::BootFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(hex::encode(hasher.finalize()))
+        })
     };
-    if digest(kernel)? != manifest.kernel_sha256 {
+    let sha256 = |bytes: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+    let kernel_bytes = read(kernel)?;
+    if sha256(&kernel_bytes) != manifest.kernel_sha256 {
         return Err(LaunchError::BootFileDigest {
             what: "kernel",
             path: kernel.display().to_string(),
         });
     }
-    match (initramfs, &manifest.initramfs_sha256) {
-        (Some(path), Some(expected)) if digest(path)? == *expected => Ok(()),
-        (None, None) => Ok(()),
-        (path, _) => Err(LaunchError::BootFileDigest {
-            what: "initramfs",
-            path: path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(none)".into()),
-        }),
-    }
+    let initramfs = match (initramfs, &manifest.initramfs_sha256) {
+        (Some(path), Some(expected)) => {
+            let bytes = read(path)?;
+            if sha256(&bytes) != *expected {
+                return Err(LaunchError::BootFileDigest {
+                    what: "initramfs",
+                    path: path.display().to_string(),
+                });
+            }
+            Some(bytes)
+        }
+        (None, None) => None,
+        (path, _) => {
+            return Err(LaunchError::BootFileDigest {
+                what: "initramfs",
+                path: path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none)".into()),
+            })
+        }
+    };
+    Ok(VerifiedBootFiles {
+        kernel: kernel_bytes,
+        initramfs,
+    })
 }
 
 #[cfg(test)]
@@ -252,17 +410,18 @@ mod tests {
             kernel_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"kernel")),
             initramfs_sha256: None,
         };
-        verify_boot_files(&manifest, &kernel, None).unwrap();
+        let verified = read_verified_boot_files(&manifest, &kernel, None).unwrap();
+        assert_eq!(verified.kernel, b"kernel");
         std::fs::write(&kernel, b"kernel with a backdoor").unwrap();
         assert!(matches!(
-            verify_boot_files(&manifest, &kernel, None),
+            read_verified_boot_files(&manifest, &kernel, None),
             Err(LaunchError::BootFileDigest { what: "kernel", .. })
         ));
         std::fs::write(&kernel, b"kernel").unwrap();
         // An initramfs the manifest does not list is refused too.
         assert!(matches!(
-            verify_boot_files(&manifest, &kernel, Some(&kernel)),
-            Err(LaunchError::BootFileDigest {
+            read_verified_boot_files(&manifest, &kernel, Some(&kernel)).err(),
+            Some(LaunchError::BootFileDigest {
                 what: "initramfs",
                 ..
             })

@@ -4,9 +4,14 @@
 //! they return. Nothing here boots a VM.
 
 use crate::bundle::luks1::{self, LuksError};
-use crate::bundle::payload::{Bundle, BundleError, DiskSource, VmManifest};
+use crate::bundle::payload::{
+    Bundle, BundleError, CreateOptions, DiskSource, RollbackMark, VmManifest,
+};
 use crate::helper_partition::{HelperPartitionError, SealedPartition};
 use crate::launch::{self, LaunchError};
+use crate::tpm::scratch::Scratch;
+use crate::tpm::tied_child::{self, SecretPipe};
+use crate::tpm::vtpm::VtpmError;
 use crate::tpm::{HostTpm, TpmError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -58,6 +63,12 @@ pub enum ProvisionError {
     /// Attestation or opening failed.
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// The exported disk could not be written.
+    #[error(transparent)]
+    Export(#[from] sealvm_os::durable::ReplaceError),
+    /// The vTPM's private scratch directory could not be made.
+    #[error(transparent)]
+    Vtpm(#[from] VtpmError),
 }
 
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError {
@@ -82,8 +93,8 @@ pub fn manifest_for(
     })
 }
 
-/// Creates the bundle at `path` (which must not exist): encrypts `disk` into it, records
-/// `manifest`, manufactures a vTPM, and seals a fresh key-slot secret to `pcrs` of the host
+/// Creates the bundle at `path` (which must not exist): encrypts `disk` into it (with a MAC
+/// per sector when `options.integrity`), records `manifest`, manufactures a vTPM, and seals a fresh key-slot secret to `pcrs` of the host
 /// TPM into the helper partition. Returns the bundle id. On failure nothing is left behind.
 pub fn create(
     path: &Path,
@@ -91,16 +102,30 @@ pub fn create(
     pcrs: &[u8],
     manifest: &VmManifest,
     disk: DiskSource<'_>,
+    options: CreateOptions,
 ) -> Result<String, ProvisionError> {
     // Check the helper partition and TPM before writing anything.
     let partition = SealedPartition::open(&host.helper_disk, true)?;
     let mut host = HostTpm::connect(&host.tcti)?;
     let secret = new_secret()?;
-    let mut bundle = Bundle::create(path, secret.as_bytes(), manifest, &[], disk)?;
+    let mut bundle = Bundle::create_with(path, secret.as_bytes(), manifest, &[], disk, options)?;
     let result = (|| {
         let state = manufacture_vtpm(&launch::vtpm_key_hex(&bundle))?;
         bundle.write_vtpm_state(&state)?;
-        let sealed = host.seal(&bundle.id(), pcrs, secret.as_bytes())?;
+        // Rollback protection: a counter of its own on the host TPM, its value in the
+        // bundle's authenticated superblock, its index in the sealed record too.
+        let preferred = u32::from_le_bytes(
+            Sha256::digest(bundle.id().as_bytes())[..4]
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
+        let (counter_index, generation) = host.define_counter(preferred)?;
+        bundle.write_rollback_mark(RollbackMark {
+            counter_index,
+            generation,
+        })?;
+        let mut sealed = host.seal(&bundle.id(), pcrs, secret.as_bytes())?;
+        sealed.rollback_counter = Some(counter_index);
         partition.put(sealed)?;
         Ok(bundle.id())
     })();
@@ -119,25 +144,17 @@ pub(crate) fn new_secret() -> Result<Zeroizing<String>, ProvisionError> {
     Ok(Zeroizing::new(hex::encode(&raw[..])))
 }
 
-/// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private directory on
-/// /dev/shm (memory, not persistent storage), its state encrypted with `key_hex`, and
-/// returns swtpm's state blob.
-pub fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, ProvisionError> {
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("sealvm-vtpm-")
-        .tempdir_in(&base)
-        .map_err(file_err(&base))?;
-    let keyfile = dir.path().join("key");
-    let mut f = File::create(&keyfile).map_err(file_err(&keyfile))?;
-    f.write_all(key_hex.as_bytes())
-        .map_err(file_err(&keyfile))?;
-    drop(f);
-    let out = Command::new("swtpm_setup")
+/// Manufactures a vTPM with swtpm_setup (EK created, sha256 bank) in a private scratch
+/// directory on memory (0700 on /dev/shm, never a disk; swtpm_setup 0.7 makes its state
+/// file 0640 whatever the umask, so the directory is what keeps others out), encrypted with
+/// `key_hex`, which swtpm_setup reads from a pipe (`--keyfile-fd`), never a file. Returns
+/// swtpm's state blob.
+pub fn manufacture_vtpm(key_hex: &str) -> Result<Zeroizing<Vec<u8>>, ProvisionError> {
+    let scratch = Scratch::create().map_err(VtpmError::Scratch)?;
+    let dir = scratch.path();
+    let key = SecretPipe::new(key_hex.as_bytes()).map_err(ProvisionError::SwtpmSpawn)?;
+    let mut command = Command::new("swtpm_setup");
+    command
         .args([
             "--tpm2",
             "--createek",
@@ -146,21 +163,23 @@ pub fn manufacture_vtpm(key_hex: &str) -> Result<Vec<u8>, ProvisionError> {
             "--overwrite",
         ])
         .arg("--tpmstate")
-        .arg(dir.path())
-        .arg("--keyfile")
-        .arg(&keyfile)
-        .output()
-        .map_err(ProvisionError::SwtpmSpawn)?;
+        .arg(dir)
+        .arg("--keyfile-fd")
+        .arg(key.fd().to_string());
+    let out = tied_child::output(command, Some(&key)).map_err(ProvisionError::SwtpmSpawn)?;
     if !out.status.success() {
         return Err(ProvisionError::Swtpm(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    let state_path = dir.path().join("tpm2-00.permall");
-    std::fs::read(&state_path).map_err(file_err(&state_path))
+    let state_path = dir.join("tpm2-00.permall");
+    std::fs::read(&state_path)
+        .map(Zeroizing::new)
+        .map_err(file_err(&state_path))
 }
 
-/// What `bundle inspect` reports; never a key.
+/// What `bundle inspect` reports; never a key. Fields it could not check are `null` and
+/// the reason is in `failures`.
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     bundle_id: String,
@@ -172,14 +191,44 @@ pub struct Inspection {
     active_key_slots: Vec<usize>,
     sealed_pcrs: Option<Vec<u8>>,
     host_trusted: Option<bool>,
+    bundle_verified: Option<bool>,
     manifest: Option<VmManifest>,
     disk_bytes: Option<u64>,
     vtpm_state_bytes: Option<usize>,
     vtpm_generation: Option<u64>,
+    rollback_counter: Option<u32>,
+    rollback_generation: Option<u64>,
+    disk_integrity: Option<bool>,
+    /// Each check that could not be made or failed, with its error chain.
+    pub failures: Vec<InspectFailure>,
 }
 
-/// Reads the LUKS header and the sealed policy; on a trusted host, opens the bundle to
-/// report the manifest too.
+/// One check `bundle inspect` could not complete.
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectFailure {
+    /// Which check: "helper partition", "sealed record", "host TPM", "host attestation",
+    /// "bundle".
+    pub check: &'static str,
+    /// What failed, with its causes.
+    pub error: String,
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// Reads the LUKS header, the sealed policy, attests the host and, on a trusted host, opens
+/// and verifies the bundle to report the manifest too. A header that does not parse is an
+/// error; every later check that cannot be made is recorded in [`Inspection::failures`]
+/// (the host's trust is reported apart from whether the bundle verifies).
 pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionError> {
     let file = File::open(path).map_err(file_err(path))?;
     let header = luks1::read_header(&file)?;
@@ -199,27 +248,60 @@ pub fn inspect(path: &Path, host: &HostAccess) -> Result<Inspection, ProvisionEr
             .collect(),
         sealed_pcrs: None,
         host_trusted: None,
+        bundle_verified: None,
         manifest: None,
         disk_bytes: None,
         vtpm_state_bytes: None,
         vtpm_generation: None,
+        rollback_counter: None,
+        rollback_generation: None,
+        disk_integrity: None,
+        failures: Vec::new(),
     };
-    if let Ok(sealed) =
-        SealedPartition::open(&host.helper_disk, false).and_then(|p| p.get(&header.uuid))
-    {
-        out.sealed_pcrs = Some(sealed.pcrs.clone());
-        match launch::attest_and_open(path, &host.helper_disk, &host.tcti, false) {
-            Ok(opened) => {
-                out.host_trusted = Some(true);
-                out.disk_bytes = Some(opened.bundle.disk_bytes());
-                out.vtpm_state_bytes = Some(opened.vtpm_state.len());
-                out.vtpm_generation = Some(opened.bundle.vtpm_generation());
-                out.manifest = Some(opened.manifest);
-            }
+    let fail = |check: &'static str, error: &dyn std::error::Error| InspectFailure {
+        check,
+        error: error_chain(error),
+    };
+    let partition = match SealedPartition::open(&host.helper_disk, false) {
+        Ok(partition) => partition,
+        Err(error) => {
+            out.failures.push(fail("helper partition", &error));
+            return Ok(out);
+        }
+    };
+    match partition.get(&header.uuid) {
+        Ok(sealed) => out.sealed_pcrs = Some(sealed.pcrs.clone()),
+        Err(error) => {
+            out.failures.push(fail("sealed record", &error));
+            return Ok(out);
+        }
+    }
+    let (report, opened) =
+        match launch::attest_then_open(path, &host.helper_disk, &host.tcti, false) {
+            Ok(result) => result,
             Err(error) => {
-                tracing::warn!(%error, "manifest not shown: bundle does not open on this host");
-                out.host_trusted = Some(false);
+                out.failures.push(fail("host TPM", &error));
+                return Ok(out);
             }
+        };
+    let trusted = report.trusted && report.tpm_matches;
+    out.host_trusted = Some(trusted);
+    match opened {
+        Ok(opened) => {
+            out.bundle_verified = Some(true);
+            out.disk_bytes = Some(opened.bundle.disk_bytes());
+            out.vtpm_state_bytes = Some(opened.vtpm_state.len());
+            out.vtpm_generation = Some(opened.bundle.vtpm_generation());
+            let mark = opened.bundle.rollback_mark();
+            out.rollback_counter = mark.map(|m| m.counter_index);
+            out.rollback_generation = mark.map(|m| m.generation);
+            out.disk_integrity = Some(opened.bundle.has_integrity());
+            out.manifest = Some(opened.manifest);
+        }
+        Err(error) if !trusted => out.failures.push(fail("host attestation", &error)),
+        Err(error) => {
+            out.bundle_verified = Some(false);
+            out.failures.push(fail("bundle", &error));
         }
     }
     Ok(out)
@@ -250,7 +332,8 @@ pub fn reseal(
     // New slot first, then the new sealed record, then drop the old slot: a crash at any
     // point leaves at least one secret that both opens a slot and is sealed.
     luks1::set_key_slot(&file, &mut header, &master_key, new_slot, secret.as_bytes())?;
-    let sealed = HostTpm::connect(&host.tcti)?.seal(&header.uuid, &pcrs, secret.as_bytes())?;
+    let mut sealed = HostTpm::connect(&host.tcti)?.seal(&header.uuid, &pcrs, secret.as_bytes())?;
+    sealed.rollback_counter = old_record.rollback_counter;
     partition.put(sealed)?;
     luks1::kill_key_slot(&file, &mut header, old_slot)?;
     Ok(Resealed {
@@ -260,26 +343,68 @@ pub fn reseal(
     })
 }
 
-/// Writes the decrypted guest disk to `output` (which must not exist); only on an attested
-/// host.
+/// Writes the decrypted guest disk to `output` (which must not exist) with mode 0600, only
+/// on an attested host. The file appears under its name only once complete and synced
+/// (sealvm-os's durable replacement).
 pub fn export(path: &Path, host: &HostAccess, output: &Path) -> Result<(), ProvisionError> {
     let opened = launch::attest_and_open(path, &host.helper_disk, &host.tcti, false)?;
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(output)
-        .map_err(file_err(output))?;
-    let chunk = 1u64 << 20;
-    let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
-    let mut offset = 0;
-    while offset < opened.bundle.disk_bytes() {
-        let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
-        opened.bundle.read_disk(offset, &mut buf[..len])?;
-        out.write_all(&buf[..len]).map_err(file_err(output))?;
-        offset += len as u64;
+    if output.symlink_metadata().is_ok() {
+        return Err(ProvisionError::File {
+            path: output.display().to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        });
     }
-    out.sync_all().map_err(file_err(output))?;
-    Ok(())
+    let mut read_error = None;
+    sealvm_os::durable::replace_with(
+        output,
+        0o600,
+        |out| {
+            let chunk = 1u64 << 20;
+            let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
+            let mut offset = 0;
+            while offset < opened.bundle.disk_bytes() {
+                let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
+                if let Err(error) = opened.bundle.read_disk(offset, &mut buf[..len]) {
+                    read_error = Some(error);
+                    return Err(std::io::Error::other("bundle read failed"));
+                }
+                out.write_all(&buf[..len])?;
+                offset += len as u64;
+            }
+            Ok(())
+        },
+        &mut |_| Ok(()),
+    )
+    .map_err(|error| match read_error.take() {
+        Some(bundle_error) => ProvisionError::Bundle(bundle_error),
+        None => ProvisionError::Export(error),
+    })
+}
+
+/// Accepts an older copy of a bundle as current (disaster recovery: the newest copy is
+/// lost): on an attested host, opens the bundle without the rollback check and records the
+/// host counter's current value in it, so it launches again. Logged as a warning; returns
+/// (the bundle's old generation, the counter's value).
+pub fn accept_rollback(path: &Path, host: &HostAccess) -> Result<(u64, u64), ProvisionError> {
+    let (_, opened) =
+        launch::attest_then_open_unchecked_rollback(path, &host.helper_disk, &host.tcti)?;
+    let mut opened = opened?;
+    let mark = opened
+        .bundle
+        .rollback_mark()
+        .ok_or(LaunchError::NoRollbackCounter)?;
+    let current = HostTpm::connect(&host.tcti)?.read_counter(mark.counter_index)?;
+    tracing::warn!(
+        bundle = %path.display(),
+        bundle_generation = mark.generation,
+        host_generation = current,
+        "accepting an older copy of the bundle: its rollback generation is set to the host counter"
+    );
+    opened.bundle.write_rollback_mark(RollbackMark {
+        counter_index: mark.counter_index,
+        generation: current.max(mark.generation),
+    })?;
+    Ok((mark.generation, current))
 }
 
 /// The SHA-256 of a file, as lowercase hex.

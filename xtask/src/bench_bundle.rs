@@ -51,6 +51,18 @@ pub fn rows(workspace: &Workspace) -> Result<Vec<Row>> {
             peer: Some(("openssl speed".into(), openssl_decrypt)),
             lower_is_better: false,
         },
+        Row {
+            name: "bundle disk 4 KiB writes on tmpfs, --integrity vs plain XTS (MiB/s)".into(),
+            ours: field("integrity_write_mib_s")?,
+            peer: Some(("plain XTS".into(), field("disk_write_mib_s")?)),
+            lower_is_better: false,
+        },
+        Row {
+            name: "bundle disk 4 KiB reads on tmpfs, --integrity vs plain XTS (MiB/s)".into(),
+            ours: field("integrity_read_mib_s")?,
+            peer: Some(("plain XTS".into(), field("disk_read_mib_s")?)),
+            lower_is_better: false,
+        },
         launch("attest", "attest_ms")?,
         launch("unseal", "unseal_ms")?,
         launch("open + HMAC checks", "open_ms")?,

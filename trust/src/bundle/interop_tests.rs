@@ -216,3 +216,31 @@ fn mutated_headers_error_and_never_panic() {
         Err(LuksError::Truncated { .. })
     ));
 }
+
+#[test]
+fn huge_pbkdf2_iteration_counts_are_refused_before_any_key_derivation() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.svm");
+    let file = create(&path, 1 << 20);
+    let original = luks1::read_header(&file).unwrap();
+    // Slot 0's iterations (offset 208 + 4) and then the master-key digest's (164), each
+    // set to 2^24: the refusal must come from the header check, at once.
+    for (at, name) in [(212u64, "key slot"), (164, "master-key digest")] {
+        file.write_all_at(&original.to_bytes(), 0).unwrap();
+        file.write_all_at(&(1u32 << 24).to_be_bytes(), at).unwrap();
+        let start = std::time::Instant::now();
+        let result = luks1::unlock(&file, SECRET.as_bytes());
+        assert!(
+            matches!(result, Err(LuksError::Malformed(_))),
+            "{name}: 2^24 iterations not refused"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{name}: refusal took {:?}",
+            start.elapsed()
+        );
+    }
+    file.write_all_at(&original.to_bytes(), 0).unwrap();
+    assert!(luks1::unlock(&file, SECRET.as_bytes()).is_ok());
+}

@@ -13,7 +13,10 @@
 //! Superblock: magic `SEALVMB\0` (8), version u32 = 1 (4), flags u32 (4), bundle id (16),
 //! manifest offset u64, manifest capacity u64, vTPM slot 0 offset u64, vTPM slot capacity
 //! u64, disk offset u64, disk bytes u64, active vTPM slot u32, reserved u32, vTPM generation
-//! u64 (at 88), zeros to 448, HMAC-SHA256 over bytes 0..448 (at 448), zeros to 512.
+//! u64 (at 88), rollback counter NV index u32 (at 96; 0 = no rollback protection, as in
+//! bundles made before it), reserved u32, rollback generation u64 (at 104: the host TPM
+//! counter's value this bundle was last launched at), zeros to 448, HMAC-SHA256 over bytes
+//! 0..448 (at 448), zeros to 512.
 //!
 //! Manifest record: length u32, HMAC (32) over `"manifest" ‖ bundle id ‖ length ‖ json`,
 //! then the manifest as JSON ([`VmManifest`]).
@@ -35,6 +38,7 @@
 //! requires its generation to match, so a tampered active slot is an error, never a silent
 //! fall-back to older state.
 
+use super::integrity::{self, SectorMac};
 use super::luks1::{self, LuksError, MasterKey};
 use super::volume::{EncryptedVolume, VolumeError};
 use super::xts::SECTOR_SIZE;
@@ -42,11 +46,17 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::fs::{File, OpenOptions};
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Mutex;
 use zeroize::Zeroizing;
 
 /// The payload format version this module writes and reads.
 pub const PAYLOAD_VERSION: u32 = 1;
+/// The payload version of `--integrity` bundles (flags bit 0 set): the guest disk is
+/// followed by a tag region ([`super::integrity`]). Older readers refuse it.
+pub const PAYLOAD_VERSION_INTEGRITY: u32 = 2;
+const FLAG_INTEGRITY: u32 = 1;
 const MAGIC: [u8; 8] = *b"SEALVMB\0";
 const MIB: u64 = 1 << 20;
 const MANIFEST_OFFSET: u64 = 4096;
@@ -101,6 +111,15 @@ pub enum BundleError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process has the bundle open for writing (a running launch).
+    #[error("bundle {path} is in use by another sealvm (one writer at a time)")]
+    InUse {
+        /// The bundle.
+        path: String,
+        /// Why the lock was not granted.
+        #[source]
+        source: sealvm_os::lock::LockError,
+    },
     /// A region's HMAC, magic or bounds check failed: the bundle was tampered with or damaged.
     #[error("{0} failed its integrity check (tampered or damaged bundle)")]
     Integrity(Region),
@@ -117,12 +136,19 @@ pub enum BundleError {
         /// Bytes available.
         capacity: u64,
     },
+    /// A guest-disk sector failed its integrity check (`--integrity` bundles): its
+    /// ciphertext, its tag or its place was changed outside sealvm, or a crash tore its
+    /// write. The sector is not returned.
+    #[error(
+        "guest disk sector {sector} failed its integrity check (tampered, or torn by a crash)"
+    )]
+    DiskIntegrity {
+        /// The disk sector (512 bytes) that failed.
+        sector: u64,
+    },
     /// The manifest is not valid JSON for [`VmManifest`].
     #[error("manifest JSON")]
     ManifestJson(#[source] serde_json::Error),
-    /// A write-back step was cut short by a test failpoint.
-    #[error("failpoint at {0:?}")]
-    Failpoint(WriteStep),
 }
 
 /// The VM state kept in the bundle.
@@ -141,7 +167,7 @@ pub struct VmManifest {
     pub initramfs_sha256: Option<String>,
 }
 
-/// The steps of a vTPM write-back, for failpoints.
+/// The steps of a vTPM write-back, for crash tests that stop between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteStep {
     /// Before the new slot is written.
@@ -160,6 +186,19 @@ struct Superblock {
     disk_bytes: u64,
     active_slot: u32,
     generation: u64,
+    rollback: Option<RollbackMark>,
+    /// Payload version 2: the disk carries per-sector tags (see [`super::integrity`]).
+    integrity: bool,
+}
+
+/// A bundle's authenticated rollback mark: which host TPM counter guards it and the value
+/// it was last launched at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollbackMark {
+    /// The NV index of the host TPM counter.
+    pub counter_index: u32,
+    /// The counter value recorded at the last launch.
+    pub generation: u64,
 }
 
 /// An open bundle: the unlocked container with verified superblock. Holds the master key
@@ -170,6 +209,16 @@ pub struct Bundle {
     superblock: Superblock,
     master_key: MasterKey,
     hmac_key: Zeroizing<Vec<u8>>,
+    /// The sector MAC of an `--integrity` bundle, and the lock that makes a tag sector's
+    /// read-modify-write atomic against concurrent writers of neighbouring sectors.
+    integrity: Option<(SectorMac, Mutex<()>)>,
+}
+
+/// Options of [`Bundle::create_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateOptions {
+    /// Give every disk sector a MAC checked on every read (payload version 2).
+    pub integrity: bool,
 }
 
 /// Where the guest disk's initial contents come from.
@@ -188,6 +237,25 @@ impl Bundle {
         manifest: &VmManifest,
         vtpm_state: &[u8],
         disk: DiskSource<'_>,
+    ) -> Result<Self, BundleError> {
+        Self::create_with(
+            path,
+            secret,
+            manifest,
+            vtpm_state,
+            disk,
+            CreateOptions::default(),
+        )
+    }
+
+    /// [`Self::create`] with options (`--integrity`).
+    pub fn create_with(
+        path: &Path,
+        secret: &[u8],
+        manifest: &VmManifest,
+        vtpm_state: &[u8],
+        disk: DiskSource<'_>,
+        options: CreateOptions,
     ) -> Result<Self, BundleError> {
         let file_err = |p: &Path| {
             let path = p.display().to_string();
@@ -208,12 +276,19 @@ impl Bundle {
             .create_new(true)
             .open(path)
             .map_err(file_err(path))?;
-        let (header, master_key) = luks1::format(&file, secret, DISK_OFFSET + disk_bytes)?;
+        let tag_bytes = if options.integrity {
+            integrity::region_bytes(disk_bytes)
+        } else {
+            0
+        };
+        let (header, master_key) =
+            luks1::format(&file, secret, DISK_OFFSET + disk_bytes + tag_bytes)?;
         let volume = EncryptedVolume::new(file, &header, &master_key)?;
         let mut bundle_id = [0u8; 16];
         getrandom::getrandom(&mut bundle_id).map_err(LuksError::Random)?;
         let mut bundle = Self {
             hmac_key: derive_key(&master_key, b"sealvm bundle hmac v1"),
+            integrity: options.integrity.then(|| integrity_mac(&master_key)),
             header,
             volume,
             superblock: Superblock {
@@ -221,6 +296,8 @@ impl Bundle {
                 disk_bytes,
                 active_slot: 1,
                 generation: 0,
+                rollback: None,
+                integrity: options.integrity,
             },
             master_key,
         };
@@ -245,14 +322,33 @@ impl Bundle {
                 path: path.display().to_string(),
                 source,
             })?;
+        if writable {
+            // One writer per bundle: two launches of one bundle would serve one disk to
+            // two guests and race the rollback counter. Held as long as the file is open.
+            sealvm_os::lock::lock(
+                &file,
+                sealvm_os::lock::LockMode::Exclusive,
+                sealvm_os::lock::Wait::NoWait,
+            )
+            .map_err(|source| BundleError::InUse {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
         let (header, master_key, _) = luks1::unlock(&file, secret)?;
         let volume = EncryptedVolume::new(file, &header, &master_key)?;
         let hmac_key = derive_key(&master_key, b"sealvm bundle hmac v1");
         let superblock = read_superblock(&volume, &hmac_key)?;
-        if DISK_OFFSET + superblock.disk_bytes > volume.sectors() * SECTOR_SIZE as u64 {
+        let tag_bytes = if superblock.integrity {
+            integrity::region_bytes(superblock.disk_bytes)
+        } else {
+            0
+        };
+        if DISK_OFFSET + superblock.disk_bytes + tag_bytes > volume.sectors() * SECTOR_SIZE as u64 {
             return Err(BundleError::Integrity(Region::Superblock));
         }
         Ok(Self {
+            integrity: superblock.integrity.then(|| integrity_mac(&master_key)),
             header,
             volume,
             superblock,
@@ -280,6 +376,23 @@ impl Bundle {
     /// The generation of the current vTPM state (counts write-backs).
     pub fn vtpm_generation(&self) -> u64 {
         self.superblock.generation
+    }
+
+    /// The rollback mark in the authenticated superblock, if the bundle has one.
+    pub fn rollback_mark(&self) -> Option<RollbackMark> {
+        self.superblock.rollback
+    }
+
+    /// Records `mark` in the superblock (authenticated, one sector) and syncs it. The bundle
+    /// must be open for writing.
+    pub fn write_rollback_mark(&mut self, mark: RollbackMark) -> Result<(), BundleError> {
+        let mut next = self.superblock.clone();
+        next.rollback = Some(mark);
+        self.volume
+            .write_sectors(0, &superblock_bytes(&next, &self.hmac_key))?;
+        self.volume.sync()?;
+        self.superblock = next;
+        Ok(())
     }
 
     /// The master key, for re-keying slots. Zeroized when the bundle drops.
@@ -326,16 +439,25 @@ impl Bundle {
 
     /// Writes `state` as the new vTPM state, atomically (see the module docs).
     pub fn write_vtpm_state(&mut self, state: &[u8]) -> Result<(), BundleError> {
-        self.write_vtpm_state_with(state, |_| Ok(()))
+        self.write_vtpm_state_until(state, |_| ControlFlow::Continue(()))
+            .map(|_| ())
     }
 
-    /// [`Self::write_vtpm_state`] with a failpoint hook called before each step; a hook error
-    /// stops the write-back there, as a crash would.
-    pub fn write_vtpm_state_with(
+    /// [`Self::write_vtpm_state`] with a step hook called before each step; `Break` stops
+    /// the write-back there, as a crash would, and returns the step it stopped before
+    /// (`Ok(None)` when it ran to the end). For crash tests; not an error path.
+    pub(crate) fn write_vtpm_state_until(
         &mut self,
         state: &[u8],
-        mut failpoint: impl FnMut(WriteStep) -> Result<(), BundleError>,
-    ) -> Result<(), BundleError> {
+        mut hook: impl FnMut(WriteStep) -> ControlFlow<()>,
+    ) -> Result<Option<WriteStep>, BundleError> {
+        macro_rules! step {
+            ($step:expr) => {
+                if hook($step).is_break() {
+                    return Ok(Some($step));
+                }
+            };
+        }
         let slot = 1 - self.superblock.active_slot;
         let generation = self.superblock.generation + 1;
         let mut prefix = Vec::with_capacity(16);
@@ -353,38 +475,22 @@ impl Bundle {
                 |len| record_mac(key, b"vtpm", &id, &prefix, len),
             )?
         };
-        failpoint(WriteStep::SlotWrite)?;
+        step!(WriteStep::SlotWrite);
         let offset = VTPM_OFFSET + u64::from(slot) * VTPM_SLOT_CAPACITY;
         self.volume
             .write_sectors(offset / SECTOR_SIZE as u64, &record)?;
-        failpoint(WriteStep::SlotSync)?;
+        step!(WriteStep::SlotSync);
         self.volume.sync()?;
         let mut next = self.superblock.clone();
         next.active_slot = slot;
         next.generation = generation;
-        failpoint(WriteStep::SuperblockWrite)?;
+        step!(WriteStep::SuperblockWrite);
         self.volume
             .write_sectors(0, &superblock_bytes(&next, &self.hmac_key))?;
-        failpoint(WriteStep::SuperblockSync)?;
+        step!(WriteStep::SuperblockSync);
         self.volume.sync()?;
         self.superblock = next;
-        Ok(())
-    }
-
-    /// Reads guest-disk bytes at `offset` (both sector aligned), decrypting them.
-    pub fn read_disk(&self, offset: u64, buf: &mut [u8]) -> Result<(), BundleError> {
-        self.check_disk(offset, buf.len())?;
-        Ok(self
-            .volume
-            .read_sectors((DISK_OFFSET + offset) / SECTOR_SIZE as u64, buf)?)
-    }
-
-    /// Writes guest-disk bytes at `offset` (both sector aligned), encrypting them.
-    pub fn write_disk(&self, offset: u64, data: &[u8]) -> Result<(), BundleError> {
-        self.check_disk(offset, data.len())?;
-        Ok(self
-            .volume
-            .write_sectors((DISK_OFFSET + offset) / SECTOR_SIZE as u64, data)?)
+        Ok(None)
     }
 
     /// Flushes the container to stable storage.
@@ -396,19 +502,6 @@ impl Bundle {
     /// style access through the plain LUKS view).
     pub fn disk_offset_in_payload() -> u64 {
         DISK_OFFSET
-    }
-
-    fn check_disk(&self, offset: u64, len: usize) -> Result<(), BundleError> {
-        let end = offset.saturating_add(len as u64);
-        if offset % SECTOR_SIZE as u64 != 0 || end > self.superblock.disk_bytes {
-            return Err(VolumeError::OutOfRange {
-                first: offset / SECTOR_SIZE as u64,
-                end: end.div_ceil(SECTOR_SIZE as u64),
-                sectors: self.superblock.disk_bytes / SECTOR_SIZE as u64,
-            }
-            .into());
-        }
-        Ok(())
     }
 
     fn write_manifest(&mut self, manifest: &VmManifest) -> Result<(), BundleError> {
@@ -424,49 +517,6 @@ impl Bundle {
         )?;
         self.volume
             .write_sectors(MANIFEST_OFFSET / SECTOR_SIZE as u64, &record)?;
-        Ok(())
-    }
-
-    fn import_disk(&self, raw: &mut File) -> Result<(), BundleError> {
-        use std::io::Read;
-        let mut buf = Zeroizing::new(vec![0u8; MIB as usize]);
-        let mut offset = 0;
-        loop {
-            buf.fill(0);
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = raw
-                    .read(&mut buf[filled..])
-                    .map_err(|source| BundleError::File {
-                        path: "raw disk".into(),
-                        source,
-                    })?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            if filled == 0 {
-                break;
-            }
-            self.write_disk(offset, &buf)?;
-            offset += MIB;
-        }
-        while offset < self.superblock.disk_bytes {
-            buf.fill(0);
-            self.write_disk(offset, &buf)?;
-            offset += MIB;
-        }
-        Ok(())
-    }
-
-    fn zero_disk(&self) -> Result<(), BundleError> {
-        let zeros = vec![0u8; MIB as usize];
-        let mut offset = 0;
-        while offset < self.superblock.disk_bytes {
-            self.write_disk(offset, &zeros)?;
-            offset += MIB;
-        }
         Ok(())
     }
 
@@ -539,6 +589,12 @@ fn record_mac(key: &[u8], domain: &[u8], id: &[u8; 16], prefix: &[u8], head: &[u
     m
 }
 
+/// The sector MAC of an `--integrity` bundle, keyed from its master key.
+fn integrity_mac(master_key: &[u8]) -> (SectorMac, Mutex<()>) {
+    let key = derive_key(master_key, b"sealvm disk integrity v1");
+    (SectorMac::new(&key), Mutex::new(()))
+}
+
 fn derive_key(master_key: &[u8], label: &[u8]) -> Zeroizing<Vec<u8>> {
     let mut m =
         <HmacSha256 as Mac>::new_from_slice(master_key).expect("HMAC accepts any key length");
@@ -549,7 +605,12 @@ fn derive_key(master_key: &[u8], label: &[u8]) -> Zeroizing<Vec<u8>> {
 fn superblock_bytes(sb: &Superblock, hmac_key: &[u8]) -> [u8; SECTOR_SIZE] {
     let mut b = [0u8; SECTOR_SIZE];
     b[0..8].copy_from_slice(&MAGIC);
-    b[8..12].copy_from_slice(&PAYLOAD_VERSION.to_le_bytes());
+    if sb.integrity {
+        b[8..12].copy_from_slice(&PAYLOAD_VERSION_INTEGRITY.to_le_bytes());
+        b[12..16].copy_from_slice(&FLAG_INTEGRITY.to_le_bytes());
+    } else {
+        b[8..12].copy_from_slice(&PAYLOAD_VERSION.to_le_bytes());
+    }
     b[16..32].copy_from_slice(&sb.bundle_id);
     let fields = [
         MANIFEST_OFFSET,
@@ -564,6 +625,10 @@ fn superblock_bytes(sb: &Superblock, hmac_key: &[u8]) -> [u8; SECTOR_SIZE] {
     }
     b[80..84].copy_from_slice(&sb.active_slot.to_le_bytes());
     b[88..96].copy_from_slice(&sb.generation.to_le_bytes());
+    if let Some(mark) = sb.rollback {
+        b[96..100].copy_from_slice(&mark.counter_index.to_le_bytes());
+        b[104..112].copy_from_slice(&mark.generation.to_le_bytes());
+    }
     let mut m = <HmacSha256 as Mac>::new_from_slice(hmac_key).expect("HMAC accepts any key length");
     m.update(b"superblock");
     m.update(&b[..SB_HMAC_AT]);
@@ -589,9 +654,12 @@ fn parse_superblock(b: &[u8; SECTOR_SIZE], hmac_key: &[u8]) -> Result<Superblock
     }
     let le64 = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
     let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    if version != PAYLOAD_VERSION {
-        return Err(BundleError::UnsupportedVersion(version));
-    }
+    let flags = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    let integrity = match (version, flags) {
+        (PAYLOAD_VERSION, 0) => false,
+        (PAYLOAD_VERSION_INTEGRITY, FLAG_INTEGRITY) => true,
+        _ => return Err(BundleError::UnsupportedVersion(version)),
+    };
     let layout = [le64(32), le64(40), le64(48), le64(56), le64(64)];
     if layout
         != [
@@ -615,8 +683,18 @@ fn parse_superblock(b: &[u8; SECTOR_SIZE], hmac_key: &[u8]) -> Result<Superblock
         disk_bytes: le64(72),
         active_slot,
         generation: le64(88),
+        rollback: match u32::from_le_bytes([b[96], b[97], b[98], b[99]]) {
+            0 => None,
+            counter_index => Some(RollbackMark {
+                counter_index,
+                generation: le64(104),
+            }),
+        },
+        integrity,
     })
 }
+
+mod disk;
 
 /// Entry points for the `bundle_header` fuzz target (trust/fuzz), kept here so a crash found
 /// there replays as an ordinary unit test.

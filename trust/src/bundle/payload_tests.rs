@@ -140,14 +140,16 @@ fn vtpm_write_back_crash_leaves_old_or_new() {
         let path = dir.path().join("b.svm");
         let mut bundle = create(&path);
         bundle.write_vtpm_state(b"generation-two").unwrap();
-        let result = bundle.write_vtpm_state_with(b"generation-three", |step| {
-            if step == crash_at {
-                Err(BundleError::Failpoint(step))
-            } else {
-                Ok(())
-            }
-        });
-        assert!(matches!(result, Err(BundleError::Failpoint(_))));
+        let stopped = bundle
+            .write_vtpm_state_until(b"generation-three", |step| {
+                if step == crash_at {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+        assert_eq!(stopped, Some(crash_at));
         drop(bundle);
         let reopened = Bundle::open(&path, SECRET, true).unwrap();
         let state = reopened.vtpm_state().unwrap();
@@ -193,4 +195,57 @@ fn qemu_img_sees_guest_disk_bytes() {
     let plain = std::fs::read(&out).unwrap();
     let at = Bundle::disk_offset_in_payload() as usize;
     assert_eq!(&plain[at..at + data.len()], &data[..]);
+}
+
+#[test]
+fn rollback_mark_is_authenticated_and_survives_vtpm_write_back() {
+    use super::payload::RollbackMark;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.svm");
+    let mut bundle = create(&path);
+    assert_eq!(bundle.rollback_mark(), None);
+    let mark = RollbackMark {
+        counter_index: 0x015e_a123,
+        generation: 41,
+    };
+    bundle.write_rollback_mark(mark).unwrap();
+    bundle.write_vtpm_state(b"after the mark").unwrap();
+    drop(bundle);
+    let reopened = Bundle::open(&path, SECRET, false).unwrap();
+    assert_eq!(reopened.rollback_mark(), Some(mark));
+    drop(reopened);
+    // The mark is inside the superblock's HMAC: an older generation written over it by
+    // someone without the key is tampering.
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let at = (2 << 20) + 104;
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, at).unwrap();
+    file.write_all_at(&[b[0] ^ 1], at).unwrap();
+    assert!(matches!(
+        Bundle::open(&path, SECRET, false),
+        Err(BundleError::Integrity(Region::Superblock))
+    ));
+}
+
+#[test]
+fn a_bundle_has_one_writer_at_a_time_and_readers_alongside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.svm");
+    drop(create(&path));
+    let writer = Bundle::open(&path, SECRET, true).unwrap();
+    assert!(matches!(
+        Bundle::open(&path, SECRET, true),
+        Err(BundleError::InUse { .. })
+    ));
+    assert!(
+        Bundle::open(&path, SECRET, false).is_ok(),
+        "a reader was refused"
+    );
+    drop(writer);
+    assert!(Bundle::open(&path, SECRET, true).is_ok());
 }

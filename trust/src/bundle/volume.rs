@@ -101,6 +101,50 @@ impl EncryptedVolume {
             })
     }
 
+    /// Reads whole sectors at `first`, shows their ciphertext to `check`, and decrypts them
+    /// into `buf` only when it accepts (integrity-checked reads).
+    pub fn read_sectors_checked<E: From<VolumeError>>(
+        &self,
+        first: u64,
+        buf: &mut [u8],
+        check: impl FnOnce(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.check_range(first, buf.len())?;
+        self.file
+            .read_exact_at(buf, self.payload_offset + first * SECTOR_SIZE as u64)
+            .map_err(|source| VolumeError::Io {
+                what: "read",
+                first,
+                source,
+            })?;
+        check(buf)?;
+        self.cipher
+            .decrypt_sectors(buf, first)
+            .map_err(VolumeError::from)?;
+        Ok(())
+    }
+
+    /// [`Self::write_sectors`] that shows the ciphertext to `observe` before writing it
+    /// (integrity tags are computed over ciphertext).
+    pub fn write_sectors_observed(
+        &self,
+        first: u64,
+        data: &[u8],
+        observe: impl FnOnce(&[u8]),
+    ) -> Result<(), VolumeError> {
+        self.check_range(first, data.len())?;
+        let mut scratch = zeroize::Zeroizing::new(data.to_vec());
+        self.cipher.encrypt_sectors(&mut scratch, first)?;
+        observe(&scratch);
+        self.file
+            .write_all_at(&scratch, self.payload_offset + first * SECTOR_SIZE as u64)
+            .map_err(|source| VolumeError::Io {
+                what: "write",
+                first,
+                source,
+            })
+    }
+
     /// Flushes written sectors to stable storage (fdatasync).
     pub fn sync(&self) -> Result<(), VolumeError> {
         self.file.sync_data().map_err(|source| VolumeError::Io {
@@ -111,7 +155,7 @@ impl EncryptedVolume {
     }
 
     fn check_range(&self, first: u64, len: usize) -> Result<(), VolumeError> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(XtsError::NotSectorAligned(len).into());
         }
         let end = first.saturating_add((len / SECTOR_SIZE) as u64);

@@ -181,7 +181,7 @@ fn xts(
 }
 
 fn check_aligned(buf: &[u8]) -> Result<(), XtsError> {
-    if buf.len() % SECTOR_SIZE != 0 {
+    if !buf.len().is_multiple_of(SECTOR_SIZE) {
         return Err(XtsError::NotSectorAligned(buf.len()));
     }
     Ok(())
@@ -307,7 +307,14 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("aes") && std::is_x86_feature_detected!("avx") {
             let cipher = SectorCipher::new(&[1; 32]).unwrap();
-            assert!(matches!(cipher.inner, Inner::Aes128Ni(_)));
+            let Inner::Aes128Ni(keys) = &cipher.inner else {
+                panic!("AES-NI not taken")
+            };
+            // The widest path the CPU has: VAES where it exists.
+            assert_eq!(
+                keys.uses_vaes(),
+                std::is_x86_feature_detected!("vaes") && std::is_x86_feature_detected!("avx2")
+            );
         }
         let cipher = SectorCipher::new(&[1; 64]).unwrap();
         assert!(matches!(cipher.inner, Inner::Aes256(_)));
@@ -333,10 +340,22 @@ mod tests {
             for round in 0..4 {
                 seed += 1;
                 let key = pseudo_random(seed, key_len);
-                let ciphers = [
+                let mut ciphers = vec![
                     ("new", SectorCipher::new(&key).unwrap()),
                     ("portable", SectorCipher::portable(&key).unwrap()),
                 ];
+                #[cfg(target_arch = "x86_64")]
+                if let Some(keys) = <&[u8; 32]>::try_from(&key[..])
+                    .ok()
+                    .and_then(|k| aesni::Xts128::with_vaes(k, false))
+                {
+                    ciphers.push((
+                        "aes-ni without vaes",
+                        SectorCipher {
+                            inner: Inner::Aes128Ni(keys),
+                        },
+                    ));
+                }
                 for sectors in 1..=16 {
                     let first = firsts[(sectors + round) % firsts.len()];
                     seed += 1;

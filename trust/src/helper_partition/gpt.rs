@@ -26,6 +26,59 @@ pub enum GptError {
     /// The image is too small or has no room for the requested partition.
     #[error("no room for a {0}-byte partition in the disk image")]
     NoRoom(u64),
+    /// The header's partition entry array lies outside the disk.
+    #[error("the GPT's partition entry array (LBA {lba}) lies outside the {disk_bytes}-byte disk")]
+    EntriesOutOfRange {
+        /// The entry array's first LBA, as the header says.
+        lba: u64,
+        /// The disk's size.
+        disk_bytes: u64,
+    },
+    /// A partition entry's LBA range is inverted or runs past the disk.
+    #[error("GPT entry {slot} spans LBA {first_lba}..={last_lba}, outside the {disk_lbas}-LBA disk or inverted")]
+    EntryOutOfRange {
+        /// The entry's slot.
+        slot: usize,
+        /// Its first LBA.
+        first_lba: u64,
+        /// Its last LBA.
+        last_lba: u64,
+        /// The disk's size in LBAs.
+        disk_lbas: u64,
+    },
+}
+
+/// A disk image read at byte offsets: the helper disk file, or bytes in memory (fuzzing).
+/// Every offset read from the image is checked against [`DiskImage::len_bytes`] before use.
+pub trait DiskImage {
+    /// The image's size in bytes.
+    fn len_bytes(&self) -> io::Result<u64>;
+    /// Fills `buf` from `offset`; fails past the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl DiskImage for File {
+    fn len_bytes(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+impl DiskImage for &[u8] {
+    fn len_bytes(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&end| end <= self.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&self[start..end]);
+        Ok(())
+    }
 }
 
 /// One GPT partition entry.
@@ -99,17 +152,21 @@ fn random_guid() -> Result<[u8; 16], GptError> {
     Ok(g)
 }
 
-fn disk_lbas(file: &File) -> Result<u64, GptError> {
-    Ok(file.metadata().map_err(|e| GptError::Io("stat", e))?.len() / LBA)
+fn disk_lbas(image: &dyn DiskImage) -> Result<u64, GptError> {
+    Ok(image.len_bytes().map_err(|e| GptError::Io("stat", e))? / LBA)
 }
 
-/// Reads the primary GPT of `file`.
-pub fn read(file: &File) -> Result<Gpt, GptError> {
+/// Reads the primary GPT of `image`. Every LBA in it is checked against the image's size:
+/// the entry array must lie inside the image, and each used entry's range must be ordered
+/// and inside the image.
+pub fn read(image: &dyn DiskImage) -> Result<Gpt, GptError> {
     let mut header = [0u8; 92];
-    if disk_lbas(file)? < 2 * (ENTRY_LBAS + 2) {
+    let lbas = disk_lbas(image)?;
+    if lbas < 2 * (ENTRY_LBAS + 2) {
         return Err(GptError::NoGpt);
     }
-    file.read_exact_at(&mut header, LBA)
+    image
+        .read_at(&mut header, LBA)
         .map_err(|e| GptError::Io("read", e))?;
     if &header[0..8] != b"EFI PART" {
         return Err(GptError::NoGpt);
@@ -126,20 +183,47 @@ pub fn read(file: &File) -> Result<Gpt, GptError> {
     if !(1..=1024).contains(&count) || !(128..=1024).contains(&size) {
         return Err(GptError::NoGpt);
     }
-    let mut table = vec![0u8; count as usize * size as usize];
-    file.read_exact_at(&mut table, le64(72) * LBA)
+    let table_len = u64::from(count) * u64::from(size);
+    let entries_lba = le64(72);
+    let disk_bytes = lbas * LBA;
+    let table_at = entries_lba
+        .checked_mul(LBA)
+        .filter(|&at| {
+            entries_lba >= 2
+                && at
+                    .checked_add(table_len)
+                    .is_some_and(|end| end <= disk_bytes)
+        })
+        .ok_or(GptError::EntriesOutOfRange {
+            lba: entries_lba,
+            disk_bytes,
+        })?;
+    // At most 1024 × 1024 bytes, checked above.
+    let mut table = vec![0u8; table_len as usize];
+    image
+        .read_at(&mut table, table_at)
         .map_err(|e| GptError::Io("read", e))?;
     if crc32fast::hash(&table) != le32(88) {
         return Err(GptError::NoGpt);
     }
     let mut disk_guid = [0u8; 16];
     disk_guid.copy_from_slice(&header[56..72]);
-    let entries = table
-        .chunks(size as usize)
-        .enumerate()
-        .filter(|(_, e)| e[0..16] != [0u8; 16])
-        .map(|(i, e)| (i, parse_entry(e)))
-        .collect();
+    let mut entries = Vec::new();
+    for (slot, raw) in table.chunks(size as usize).enumerate() {
+        if raw[0..16] == [0u8; 16] {
+            continue;
+        }
+        let entry = parse_entry(raw);
+        if entry.first_lba > entry.last_lba || entry.last_lba >= lbas {
+            return Err(GptError::EntryOutOfRange {
+                slot,
+                first_lba: entry.first_lba,
+                last_lba: entry.last_lba,
+                disk_lbas: lbas,
+            });
+        }
+        entries.push((slot, entry));
+    }
     Ok(Gpt {
         disk_guid,
         entries,
@@ -221,7 +305,9 @@ pub fn add_partition(
     Ok(entry)
 }
 
-fn write(file: &File, gpt: &Gpt, lbas: u64) -> Result<(), GptError> {
+/// Writes `gpt` as the primary and backup tables of a `lbas`-LBA image (checksums computed
+/// here).
+pub(crate) fn write(file: &File, gpt: &Gpt, lbas: u64) -> Result<(), GptError> {
     let mut table = vec![0u8; (ENTRIES * ENTRY_SIZE) as usize];
     for (slot, e) in &gpt.entries {
         let b = &mut table[slot * ENTRY_SIZE as usize..(slot + 1) * ENTRY_SIZE as usize];

@@ -28,6 +28,8 @@ pub const PARTITION_NAME: &str = "sealvm-sealed";
 /// The store format version.
 pub const STORE_VERSION: u32 = 1;
 const MAGIC: [u8; 8] = *b"SEALVMKS";
+/// The smallest partition with room for two store halves of a header and one sector each.
+pub const MIN_PARTITION_BYTES: u64 = 4 * 512;
 
 /// Errors finding, reading or updating the sealed partition.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,12 @@ pub enum HelperPartitionError {
     /// The store JSON does not encode or decode.
     #[error("sealed store JSON")]
     Json(#[source] serde_json::Error),
+    /// The partition is too small to hold the two store halves.
+    #[error("the sealed partition ({bytes} bytes) is too small for its store (at least {MIN_PARTITION_BYTES} bytes)")]
+    TooSmall {
+        /// The partition's size.
+        bytes: u64,
+    },
     /// No record for this bundle.
     #[error("no sealed key for bundle {0} in the helper partition")]
     NoRecord(String),
@@ -78,8 +86,51 @@ struct Store {
 /// An open sealed partition.
 pub struct SealedPartition {
     file: File,
+    layout: Layout,
+}
+
+/// Where the store's two halves are in the image, checked against the image's size.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Byte offset of the partition.
     start: u64,
+    /// Bytes per half (a multiple of 512, at least 1024).
     half: u64,
+}
+
+impl Layout {
+    /// The layout of `entry`'s partition, refused unless it lies inside `disk_bytes` and
+    /// has room for both halves.
+    fn of(entry: &gpt::Entry, disk_bytes: u64) -> Result<Self, HelperPartitionError> {
+        let out_of_range = || {
+            HelperPartitionError::Gpt(gpt::GptError::EntryOutOfRange {
+                slot: 0,
+                first_lba: entry.first_lba,
+                last_lba: entry.last_lba,
+                disk_lbas: disk_bytes / gpt::LBA,
+            })
+        };
+        let start = entry
+            .first_lba
+            .checked_mul(gpt::LBA)
+            .ok_or_else(out_of_range)?;
+        let bytes = entry
+            .last_lba
+            .checked_sub(entry.first_lba)
+            .and_then(|n| n.checked_add(1))
+            .and_then(|n| n.checked_mul(gpt::LBA))
+            .ok_or_else(out_of_range)?;
+        if start.checked_add(bytes).is_none_or(|end| end > disk_bytes) {
+            return Err(out_of_range());
+        }
+        if bytes < MIN_PARTITION_BYTES {
+            return Err(HelperPartitionError::TooSmall { bytes });
+        }
+        Ok(Self {
+            start,
+            half: bytes / 2 / 512 * 512,
+        })
+    }
 }
 
 impl SealedPartition {
@@ -113,12 +164,12 @@ impl SealedPartition {
             PARTITION_NAME,
             bytes,
         )?;
-        let partition = Self::from_entry(file, &entry);
+        let partition = Self::from_entry(file, &entry)?;
         let zero = vec![0u8; 512];
-        for half in [0, partition.half] {
+        for half in [0, partition.layout.half] {
             partition
                 .file
-                .write_all_at(&zero, partition.start + half)
+                .write_all_at(&zero, partition.layout.start + half)
                 .map_err(|e| HelperPartitionError::Io("clear", e))?;
         }
         partition.write_store(&Store::default(), 0)?;
@@ -136,21 +187,19 @@ impl SealedPartition {
                 source,
             })?;
         let entry = find(&file)?;
-        Ok(Self::from_entry(file, &entry))
+        Self::from_entry(file, &entry)
     }
 
-    fn from_entry(file: File, entry: &gpt::Entry) -> Self {
-        let bytes = (entry.last_lba + 1 - entry.first_lba) * gpt::LBA;
-        Self {
-            file,
-            start: entry.first_lba * gpt::LBA,
-            half: bytes / 2 / 512 * 512,
-        }
+    fn from_entry(file: File, entry: &gpt::Entry) -> Result<Self, HelperPartitionError> {
+        let disk_bytes =
+            gpt::DiskImage::len_bytes(&file).map_err(|e| HelperPartitionError::Io("stat", e))?;
+        let layout = Layout::of(entry, disk_bytes)?;
+        Ok(Self { file, layout })
     }
 
     /// All records.
     pub fn records(&self) -> Result<Vec<SealedObject>, HelperPartitionError> {
-        Ok(self.read_store()?.0.records)
+        Ok(read_store(&self.file, &self.layout)?.0.records)
     }
 
     /// The record for `bundle_id`.
@@ -163,56 +212,23 @@ impl SealedPartition {
 
     /// Stores `record`, replacing any record of the same bundle.
     pub fn put(&self, record: SealedObject) -> Result<(), HelperPartitionError> {
-        let (mut store, generation) = self.read_store()?;
+        let (mut store, generation) = read_store(&self.file, &self.layout)?;
         store.records.retain(|r| r.bundle_id != record.bundle_id);
         store.records.push(record);
         self.write_store(&store, generation + 1)
     }
 
-    fn read_store(&self) -> Result<(Store, u64), HelperPartitionError> {
-        let mut best: Option<(u64, Vec<u8>)> = None;
-        for half in [0, self.half] {
-            if let Some((generation, json)) = self.read_half(half)? {
-                if best.as_ref().is_none_or(|(g, _)| generation > *g) {
-                    best = Some((generation, json));
-                }
-            }
-        }
-        let (generation, json) = best.ok_or(HelperPartitionError::Corrupt)?;
-        let store = serde_json::from_slice(&json).map_err(HelperPartitionError::Json)?;
-        Ok((store, generation))
-    }
-
-    fn read_half(&self, half: u64) -> Result<Option<(u64, Vec<u8>)>, HelperPartitionError> {
-        let mut head = [0u8; 64];
-        self.file
-            .read_exact_at(&mut head, self.start + half)
-            .map_err(|e| HelperPartitionError::Io("read", e))?;
-        if head[0..8] != MAGIC {
-            return Ok(None);
-        }
-        let generation = u64::from_le_bytes(head[16..24].try_into().unwrap_or([0; 8]));
-        let len = u64::from_le_bytes(head[24..32].try_into().unwrap_or([0; 8]));
-        if len > self.half - 512 {
-            return Ok(None);
-        }
-        let mut json = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut json, self.start + half + 512)
-            .map_err(|e| HelperPartitionError::Io("read", e))?;
-        if Sha256::digest(&json)[..] != head[32..64] {
-            return Ok(None);
-        }
-        Ok(Some((generation, json)))
-    }
-
     fn write_store(&self, store: &Store, generation: u64) -> Result<(), HelperPartitionError> {
         let json = serde_json::to_vec(store).map_err(HelperPartitionError::Json)?;
-        if json.len() as u64 > self.half - 512 {
+        if json.len() as u64 > self.layout.half - 512 {
             return Err(HelperPartitionError::Full(json.len() as u64));
         }
         // Generation g lives in half g % 2, so the newest copy is never overwritten.
-        let half = if generation % 2 == 0 { 0 } else { self.half };
+        let half = if generation.is_multiple_of(2) {
+            0
+        } else {
+            self.layout.half
+        };
         let mut head = [0u8; 512];
         head[0..8].copy_from_slice(&MAGIC);
         head[8..12].copy_from_slice(&STORE_VERSION.to_le_bytes());
@@ -221,10 +237,10 @@ impl SealedPartition {
         head[32..64].copy_from_slice(&Sha256::digest(&json));
         let io = |e| HelperPartitionError::Io("write", e);
         self.file
-            .write_all_at(&json, self.start + half + 512)
+            .write_all_at(&json, self.layout.start + half + 512)
             .map_err(io)?;
         self.file
-            .write_all_at(&head, self.start + half)
+            .write_all_at(&head, self.layout.start + half)
             .map_err(io)?;
         self.file
             .sync_data()
@@ -232,7 +248,55 @@ impl SealedPartition {
     }
 }
 
-fn find(file: &File) -> Result<gpt::Entry, HelperPartitionError> {
+/// Reads the newest valid half of the store in `image`.
+fn read_store(
+    image: &dyn gpt::DiskImage,
+    layout: &Layout,
+) -> Result<(Store, u64), HelperPartitionError> {
+    let mut best: Option<(u64, Vec<u8>)> = None;
+    for half in [0, layout.half] {
+        if let Some((generation, json)) = read_half(image, layout, half)? {
+            if best.as_ref().is_none_or(|(g, _)| generation > *g) {
+                best = Some((generation, json));
+            }
+        }
+    }
+    let (generation, json) = best.ok_or(HelperPartitionError::Corrupt)?;
+    let store = serde_json::from_slice(&json).map_err(HelperPartitionError::Json)?;
+    Ok((store, generation))
+}
+
+/// One half's JSON and generation, or `None` when its header or checksum does not hold.
+fn read_half(
+    image: &dyn gpt::DiskImage,
+    layout: &Layout,
+    half: u64,
+) -> Result<Option<(u64, Vec<u8>)>, HelperPartitionError> {
+    let mut head = [0u8; 64];
+    image
+        .read_at(&mut head, layout.start + half)
+        .map_err(|e| HelperPartitionError::Io("read", e))?;
+    if head[0..8] != MAGIC {
+        return Ok(None);
+    }
+    let generation = u64::from_le_bytes(head[16..24].try_into().unwrap_or([0; 8]));
+    let len = u64::from_le_bytes(head[24..32].try_into().unwrap_or([0; 8]));
+    // The layout was checked against the image: the JSON area of a half is inside it, so
+    // `len` bounds the allocation by the image's size.
+    if len > layout.half - 512 {
+        return Ok(None);
+    }
+    let mut json = vec![0u8; len as usize];
+    image
+        .read_at(&mut json, layout.start + half + 512)
+        .map_err(|e| HelperPartitionError::Io("read", e))?;
+    if Sha256::digest(&json)[..] != head[32..64] {
+        return Ok(None);
+    }
+    Ok(Some((generation, json)))
+}
+
+fn find(file: &dyn gpt::DiskImage) -> Result<gpt::Entry, HelperPartitionError> {
     let table = match gpt::read(file) {
         Ok(t) => t,
         Err(gpt::GptError::NoGpt) => return Err(HelperPartitionError::Missing),
@@ -247,5 +311,28 @@ fn find(file: &File) -> Result<gpt::Entry, HelperPartitionError> {
         .ok_or(HelperPartitionError::Missing)
 }
 
+/// Entry points for the `helper_partition` fuzz target, in an ordinary module so a crash
+/// found once replays as a unit test.
+pub mod fuzzing {
+    use super::*;
+
+    /// Treats `data` as a whole helper disk image: finds the sealed partition and decodes
+    /// its store. Any input must end in `Ok` or an error, never a panic, and no allocation
+    /// may exceed the input's size.
+    pub fn helper_disk(data: &[u8]) {
+        let Ok(entry) = find(&data) else { return };
+        let Ok(layout) = Layout::of(&entry, data.len() as u64) else {
+            return;
+        };
+        if let Ok((store, _)) = read_store(&data, &layout) {
+            for record in &store.records {
+                let _ = record.pcrs.len();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod crafted_tests;
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ fn record(id: &str) -> SealedObject {
         storage_key_name: "000b".into(),
         public: "abcd".into(),
         private: "ef01".into(),
+        rollback_counter: None,
     }
 }
 
@@ -118,7 +119,7 @@ fn torn_store_write_falls_back_to_previous_copy() {
                                          // Damage the newest copy's JSON as a torn write would.
     partition
         .file
-        .write_all_at(b"garbage", partition.start + 512 + 3)
+        .write_all_at(b"garbage", partition.layout.start + 512 + 3)
         .unwrap();
     let records = partition.records().unwrap();
     assert_eq!(records, vec![record("a")]);

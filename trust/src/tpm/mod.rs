@@ -6,8 +6,11 @@
 //! does not know bundle files or the helper partition; it turns a secret into a
 //! [`SealedObject`] and back.
 
+pub mod counter;
 pub mod report;
+pub mod scratch;
 pub mod sealed;
+pub mod tied_child;
 pub mod vtpm;
 
 pub use report::{AttestationReport, PcrCheck};
@@ -173,12 +176,21 @@ impl HostTpm {
             .build()
             .map_err(cmd("Create"))?;
         let data = SensitiveData::try_from(secret.to_vec()).map_err(cmd("Create"))?;
+        // The secret is TPM2_Create's first parameter: send it through a session salted
+        // with the storage primary and with `decrypt` set, so it crosses the TPM interface
+        // encrypted (AES-128-CFB under a key only this process and the TPM know).
         let created = self
-            .context
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create(primary, public, None, Some(data), None, None)
-            })
-            .map_err(cmd("Create"));
+            .encrypted_session(SessionType::Hmac, primary, true, false)
+            .and_then(|session| {
+                let created = self
+                    .context
+                    .execute_with_session(Some(session), |ctx| {
+                        ctx.create(primary, public, None, Some(data), None, None)
+                    })
+                    .map_err(cmd("Create"));
+                self.flush(tss_esapi::handles::SessionHandle::from(session).into());
+                created
+            });
         self.flush(primary.into());
         let created = created?;
         Ok(SealedObject {
@@ -190,6 +202,7 @@ impl HostTpm {
             storage_key_name,
             public: hex::encode(created.out_public.marshall().map_err(cmd("Create"))?),
             private: hex::encode(created.out_private.value()),
+            rollback_counter: None,
         })
     }
 
@@ -242,7 +255,7 @@ impl HostTpm {
             .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
             .map_err(TpmError::ForeignTpm);
         let result = loaded.and_then(|object| {
-            let out = self.unseal_loaded(sealed, object);
+            let out = self.unseal_loaded(sealed, object, primary);
             self.flush(object.into());
             out
         });
@@ -250,12 +263,16 @@ impl HostTpm {
         result
     }
 
+    /// Unseals through a PolicyPCR session that is salted with the storage primary and has
+    /// `encrypt` set: the TPM returns the secret (Unseal's first response parameter)
+    /// encrypted under the session key, so it never crosses the TPM interface in the clear.
     fn unseal_loaded(
         &mut self,
         sealed: &SealedObject,
         object: KeyHandle,
+        primary: KeyHandle,
     ) -> Result<Zeroizing<Vec<u8>>, TpmError> {
-        let session = self.policy_session(SessionType::Policy)?;
+        let session = self.encrypted_session(SessionType::Policy, primary, false, true)?;
         let result = (|| {
             let policy = PolicySession::try_from(session).map_err(cmd("PolicyPCR"))?;
             self.context
@@ -305,6 +322,38 @@ impl HostTpm {
             .map_err(cmd("StartAuthSession"))?
             .ok_or(TpmError::Malformed("StartAuthSession returned no session"))?;
         let (attributes, mask) = SessionAttributesBuilder::new().build();
+        self.context
+            .tr_sess_set_attributes(session, attributes, mask)
+            .map_err(cmd("TRSess_SetAttributes"))?;
+        Ok(session)
+    }
+
+    /// A session salted with `salt_key` (the storage primary: ECDH with its public key, so a
+    /// wiretap on the TPM interface cannot derive the session key) that encrypts the
+    /// command's first parameter (`decrypt`) and/or the response's (`encrypt`).
+    fn encrypted_session(
+        &mut self,
+        kind: SessionType,
+        salt_key: KeyHandle,
+        decrypt: bool,
+        encrypt: bool,
+    ) -> Result<AuthSession, TpmError> {
+        let session = self
+            .context
+            .start_auth_session(
+                Some(salt_key),
+                None,
+                None,
+                kind,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(cmd("StartAuthSession"))?
+            .ok_or(TpmError::Malformed("StartAuthSession returned no session"))?;
+        let (attributes, mask) = SessionAttributesBuilder::new()
+            .with_decrypt(decrypt)
+            .with_encrypt(encrypt)
+            .build();
         self.context
             .tr_sess_set_attributes(session, attributes, mask)
             .map_err(cmd("TRSess_SetAttributes"))?;

@@ -4,7 +4,8 @@
 //! `pcr_bank` ("sha256"), `pcrs` (ascending indices), `expected` (hex PCR values at sealing,
 //! same order), `policy_digest` (hex PolicyPCR digest), `storage_key_name` (hex TPM name of the
 //! storage primary, identifying the host TPM), `public` (hex TPM2B_PUBLIC marshalled
-//! by the TPM), `private` (hex TPM2B_PRIVATE body). None of these is a secret: the private
+//! by the TPM), `private` (hex TPM2B_PRIVATE body), `rollback_counter` (optional NV index of
+//! the bundle's rollback counter). None of these is a secret: the private
 //! blob is encrypted by the TPM's storage key.
 
 use serde::{Deserialize, Serialize};
@@ -30,4 +31,9 @@ pub struct SealedObject {
     pub public: String,
     /// Hex TPM2B_PRIVATE.
     pub private: String,
+    /// The NV index of the host TPM counter that guards the bundle against rollback (also
+    /// in the bundle's authenticated superblock, which is what a launch trusts; a record
+    /// and a bundle that disagree are refused). Absent in records made before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_counter: Option<u32>,
 }

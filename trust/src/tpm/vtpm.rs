@@ -2,15 +2,19 @@
 //! state encryption keyed from the bundle, and the state written back into the bundle when
 //! the VM stops.
 //!
-//! The state directory is a private directory on /dev/shm (memory); the files swtpm keeps
-//! there are encrypted with the bundle-derived key, and the key file is removed by swtpm as
-//! soon as it has read it (`remove=true`). The VMM's TPM CRB device talks to the data socket
+//! The state directory is a private scratch directory on /dev/shm (memory only, 0700, see
+//! [`super::scratch`]); the files swtpm keeps there are 0600 and encrypted with the
+//! bundle-derived key, which swtpm reads from a pipe (`--key fd=N`): the key is never in a
+//! file. swtpm is tied to this process ([`super::tied_child`]): it dies with it. The VMM's TPM CRB device talks to the data socket
 //! and uses the control socket for the TPM's power and locality.
 
+use super::scratch::{Scratch, ScratchError};
+use super::tied_child::{self, SecretPipe, TiedChild};
 use crate::bundle::payload::{Bundle, BundleError};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// swtpm's state file for a TPM 2.0.
@@ -28,6 +32,9 @@ pub enum VtpmError {
         #[source]
         source: std::io::Error,
     },
+    /// No private directory on memory for the state.
+    #[error("no private memory-only directory for the vTPM state")]
+    Scratch(#[from] ScratchError),
     /// swtpm could not be spawned or did not come up.
     #[error("swtpm for the guest did not start: {0}")]
     Start(&'static str),
@@ -58,8 +65,8 @@ pub enum VtpmEndpoint {
 
 /// A running swtpm serving one guest's vTPM.
 pub struct Vtpm {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+    child: Option<TiedChild>,
+    scratch: Scratch,
     endpoint: VtpmEndpoint,
 }
 
@@ -68,69 +75,77 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VtpmError {
     move |source| VtpmError::Io { path, source }
 }
 
+/// Writes `contents` to a new file `path` with mode 0600 (only the owner reads it).
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)
+}
+
 impl Vtpm {
-    /// Restores `state` (from [`Bundle::vtpm_state`]) into a private directory and starts
-    /// swtpm on it with the state key `key_hex` (32 hex digits). `tcp` selects a loopback TCP
-    /// endpoint instead of unix sockets.
+    /// Restores `state` (from [`Bundle::vtpm_state`]) into a private scratch directory on
+    /// memory (see [`super::scratch`]) and starts swtpm on it with the state key `key_hex`
+    /// (32 hex digits), handed over through a pipe, never a file. swtpm dies with this
+    /// process. `tcp` selects a loopback TCP endpoint instead of unix sockets.
     pub fn start(state: &[u8], key_hex: &str, tcp: bool) -> Result<Self, VtpmError> {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("sealvm-vtpm-")
-            .tempdir_in(&base)
-            .map_err(io_err(&base))?;
-        let state_path = dir.path().join(STATE_FILE);
-        std::fs::write(&state_path, state).map_err(io_err(&state_path))?;
-        let key_path = dir.path().join("key");
-        let mut key_file = std::fs::File::create(&key_path).map_err(io_err(&key_path))?;
-        key_file
-            .write_all(key_hex.as_bytes())
-            .map_err(io_err(&key_path))?;
-        drop(key_file);
+        let scratch = Scratch::create()?;
+        let dir = scratch.path().to_path_buf();
+        let state_path = dir.join(STATE_FILE);
+        write_private(&state_path, state).map_err(io_err(&state_path))?;
+        let key = SecretPipe::new(key_hex.as_bytes()).map_err(io_err(Path::new("key pipe")))?;
         let endpoint = if tcp {
             VtpmEndpoint::Tcp {
                 port: free_port_pair().ok_or(VtpmError::Start("no free port"))?,
             }
         } else {
             VtpmEndpoint::Unix {
-                data: dir.path().join("data.sock"),
-                ctrl: dir.path().join("ctrl.sock"),
+                data: dir.join("data.sock"),
+                ctrl: dir.join("ctrl.sock"),
             }
         };
         let (server, ctrl) = match &endpoint {
             VtpmEndpoint::Unix { data, ctrl } => (
-                format!("type=unixio,path={}", data.display()),
-                format!("type=unixio,path={}", ctrl.display()),
+                format!("type=unixio,path={},mode=0600", data.display()),
+                format!("type=unixio,path={},mode=0600", ctrl.display()),
             ),
             VtpmEndpoint::Tcp { port } => (
                 format!("type=tcp,port={port},bindaddr=127.0.0.1"),
                 format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
             ),
         };
-        let child = Command::new("swtpm")
+        let mut command = Command::new("swtpm");
+        command
             .args(["socket", "--tpm2", "--server", &server, "--ctrl", &ctrl])
             .arg("--tpmstate")
-            .arg(format!("dir={}", dir.path().display()))
+            .arg(format!("dir={},mode=0600", dir.display()))
             .arg("--key")
-            .arg(format!(
-                "file={},format=hex,mode=aes-cbc,remove=true",
-                key_path.display()
-            ))
+            .arg(format!("fd={},format=hex,mode=aes-cbc", key.fd()))
             .args(["--flags", "not-need-init,startup-clear"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
+            .stdout(Stdio::null());
+        let child = tied_child::spawn(command, Some(&key))
             .map_err(|_| VtpmError::Start("cannot spawn swtpm"))?;
+        drop(key);
         let mut vtpm = Self {
             child: Some(child),
-            dir,
+            scratch,
             endpoint,
         };
         vtpm.wait_listening()?;
         Ok(vtpm)
+    }
+
+    /// The private scratch directory swtpm keeps its state in.
+    pub fn scratch_dir(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// swtpm's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.child.id())
     }
 
     fn wait_listening(&mut self) -> Result<(), VtpmError> {
@@ -151,7 +166,7 @@ impl Vtpm {
             let exited = self
                 .child
                 .as_mut()
-                .map(|c| matches!(c.try_wait(), Ok(Some(_))))
+                .map(|c| matches!(c.child.try_wait(), Ok(Some(_))))
                 .unwrap_or(true);
             if exited || Instant::now() > deadline {
                 return Err(VtpmError::Start(
@@ -230,15 +245,15 @@ impl Vtpm {
             .map(|s| s.success())
             .unwrap_or(false);
         let child = self.child.take();
-        if let Some(mut child) = child {
+        if let Some(mut tied) = child {
             if !ok {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = tied.child.kill();
+                let _ = tied.child.wait();
                 return Err(VtpmError::Shutdown);
             }
-            let _ = child.wait();
+            let _ = tied.child.wait();
         }
-        let state_path = self.dir.path().join(STATE_FILE);
+        let state_path = self.scratch.path().join(STATE_FILE);
         let state = std::fs::read(&state_path).map_err(io_err(&state_path))?;
         bundle
             .write_vtpm_state(&state)
@@ -248,9 +263,9 @@ impl Vtpm {
 
 impl Drop for Vtpm {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut tied) = self.child.take() {
+            let _ = tied.child.kill();
+            let _ = tied.child.wait();
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::cli::size::parse_size;
 use clap::{Args, Subcommand};
-use sealvm_trust::bundle::payload::DiskSource;
+use sealvm_trust::bundle::payload::{CreateOptions, DiskSource};
 use sealvm_trust::provision::{self, HostAccess, ProvisionError};
 use sealvm_trust::tpm::{self, TpmError, DEFAULT_TCTI};
 use std::path::PathBuf;
@@ -67,9 +67,14 @@ enum BundleCommand {
         /// Size of an empty disk instead of --disk.
         #[arg(long, value_parser = parse_size)]
         disk_size: Option<u64>,
+        /// Tamper-evident disk: a MAC per sector, checked on every read (a changed sector
+        /// is an I/O error to the guest, never wrong data). Costs 1/16 more space.
+        #[arg(long)]
+        integrity: bool,
     },
     /// Show the LUKS header and sealed policy; with a trusted host, the manifest too. Never
-    /// prints keys.
+    /// prints keys. Exits non-zero, naming each check, when it could not check something
+    /// (helper disk, sealed record, host TPM, host trust, bundle integrity).
     Inspect {
         /// The bundle.
         bundle: PathBuf,
@@ -86,6 +91,15 @@ enum BundleCommand {
         /// New PCR set (default: keep the sealed set).
         #[arg(long)]
         pcrs: Option<String>,
+    },
+    /// Disaster recovery: accept this older copy of the bundle as current (its rollback
+    /// generation is set to the host TPM counter's), when the newest copy is lost. Only on
+    /// an attested host; logged.
+    AcceptRollback {
+        /// The bundle.
+        bundle: PathBuf,
+        #[command(flatten)]
+        tpm: TpmArgs,
     },
     /// Write the decrypted guest disk to a raw file; only on an attested host.
     Export {
@@ -111,6 +125,9 @@ pub enum BundleCliError {
     /// The workflow failed.
     #[error(transparent)]
     Provision(#[from] ProvisionError),
+    /// `bundle inspect` could not check everything it reports (each check and why).
+    #[error("bundle inspect could not check everything: {0}")]
+    Unchecked(String),
     /// Output could not be encoded.
     #[error("cannot encode output")]
     Json(#[source] serde_json::Error),
@@ -130,6 +147,7 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
             memory,
             disk,
             disk_size,
+            integrity,
         } => {
             let manifest =
                 provision::manifest_for(&kernel, initramfs.as_deref(), cmdline, cpus, memory)?;
@@ -139,7 +157,14 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
                 (None, None) => return Err(BundleCliError::NoDisk),
             };
             let pcrs = tpm::parse_pcr_list(&pcrs)?;
-            let id = provision::create(&bundle, &tpm.host(), &pcrs, &manifest, source)?;
+            let id = provision::create(
+                &bundle,
+                &tpm.host(),
+                &pcrs,
+                &manifest,
+                source,
+                CreateOptions { integrity },
+            )?;
             println!("{id}");
             Ok(())
         }
@@ -147,7 +172,18 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
             let inspection = provision::inspect(&bundle, &tpm.host())?;
             let json = serde_json::to_string_pretty(&inspection).map_err(BundleCliError::Json)?;
             println!("{json}");
-            Ok(())
+            if inspection.failures.is_empty() {
+                Ok(())
+            } else {
+                Err(BundleCliError::Unchecked(
+                    inspection
+                        .failures
+                        .iter()
+                        .map(|f| format!("{}: {}", f.check, f.error))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ))
+            }
         }
         BundleCommand::Reseal { bundle, tpm, pcrs } => {
             let pcrs = pcrs.as_deref().map(tpm::parse_pcr_list).transpose()?;
@@ -155,6 +191,20 @@ pub fn run(args: BundleArgs) -> Result<(), BundleCliError> {
             println!(
                 "resealed {} to PCRs {:?} (key slot {})",
                 done.bundle_id, done.pcrs, done.key_slot
+            );
+            Ok(())
+        }
+        BundleCommand::AcceptRollback { bundle, tpm } => {
+            let (old, host) = provision::accept_rollback(&bundle, &tpm.host())?;
+            // Always on stderr, whatever RUST_LOG says: this undoes a protection.
+            eprintln!(
+                "sealvm: WARNING: accepting an older copy of {} (generation {old}, host counter \
+                 {host}); its next launch moves the counter past every other copy",
+                bundle.display()
+            );
+            println!(
+                "accepted {} as current: its generation {old} is now the host counter's {host}",
+                bundle.display()
             );
             Ok(())
         }

@@ -5,4 +5,5 @@ pub mod bundle;
 pub mod helper_partition;
 pub mod launch;
 pub mod run;
+pub mod signals;
 pub mod size;

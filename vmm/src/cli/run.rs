@@ -2,15 +2,17 @@
 //! bundle (`--bundle`, see [`super::launch`]).
 
 use super::launch::{self, AttestOnlyError, TrustedLaunchArgs};
+use super::signals::{self, TermSignals};
 use super::size::parse_size;
+use crate::vm::boot::BootImages;
 use crate::vm::config::{DiskConfig, VmConfig};
 use crate::vm::devices::bundle_disk::BundleDisk;
 use crate::vm::devices::legacy::StopReason;
 use crate::vm::devices::serial::SerialTarget;
-use crate::vm::{Extras, Vm};
+use crate::vm::{ExtraDisk, Extras, Vm};
 use clap::Args;
 use sealvm_trust::launch::{self as trusted_launch, LaunchError};
-use sealvm_trust::tpm::vtpm::{Vtpm, VtpmEndpoint};
+use sealvm_trust::tpm::vtpm::{Vtpm, VtpmEndpoint, VtpmError};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -84,9 +86,24 @@ pub enum RunError {
     /// The VM stopped because a vCPU failed.
     #[error("the VM stopped: {0}")]
     Stopped(&'static str),
-    /// The guest's vTPM failed.
-    #[error("guest vTPM: {0}")]
-    Vtpm(String),
+    /// The guest's vTPM did not start.
+    #[error("guest vTPM")]
+    Vtpm(#[from] VtpmError),
+    /// The guest's vTPM did not shut down or its state did not go back into the bundle.
+    #[error("the vTPM state could not be written back into the bundle")]
+    VtpmWriteBack(#[source] VtpmError),
+    /// The bundle's disk could not be served.
+    #[error("cannot serve the bundle's disk")]
+    BundleDisk(#[source] std::io::Error),
+    /// A thread panicked while it held the open bundle.
+    #[error("the open bundle's lock was poisoned by a panic; the vTPM state was not written back")]
+    BundlePoisoned,
+    /// SIGTERM/SIGINT handling could not be set up.
+    #[error("cannot install the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+    /// A termination signal arrived before the guest started; nothing ran.
+    #[error("stopped by {0} before the guest started")]
+    Interrupted(&'static str),
 }
 
 impl RunArgs {
@@ -141,36 +158,52 @@ impl RunArgs {
     }
 }
 
-/// Runs `sealvm run`.
+/// Runs `sealvm run`. SIGTERM and SIGINT stop the guest as a power-off does.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
     if let Some(bundle) = &args.trusted.bundle {
+        let helper_disk = args
+            .trusted
+            .helper_disk
+            .as_deref()
+            .ok_or_else(|| RunError::BadArgument("--bundle needs --helper-disk".into()))?;
         if args.trusted.attest_only {
-            let helper_disk = args
-                .trusted
-                .helper_disk
-                .as_deref()
-                .ok_or_else(|| RunError::BadArgument("--bundle needs --helper-disk".into()))?;
             return Ok(launch::attest_only(
                 bundle,
                 helper_disk,
                 &args.trusted.tcti,
+                args.kernel.as_deref(),
+                args.initramfs.as_deref(),
             )?);
         }
-        return run_bundle(args, bundle);
+        let signals = TermSignals::install().map_err(RunError::Signals)?;
+        return run_bundle(args, bundle, helper_disk, &signals);
     }
+    let signals = TermSignals::install().map_err(RunError::Signals)?;
     let config = args.vm_config()?;
-    report(Vm::new(config)?.run()?)
+    let vm = Vm::new(config)?;
+    signals.stop_on_signal(vm.stop_signal());
+    report(vm.run()?)
 }
 
-/// Trusted launch: attest, unseal, open, verify the boot files, start the guest's vTPM on
-/// the bundle's state, boot with the bundle's disk and a TPM CRB device, and on the way out
-/// write the vTPM state back into the bundle.
-fn run_bundle(args: &RunArgs, bundle_path: &std::path::Path) -> Result<(), RunError> {
-    let helper_disk = args
-        .trusted
-        .helper_disk
-        .as_deref()
-        .ok_or_else(|| RunError::BadArgument("--bundle needs --helper-disk".into()))?;
+/// Fails with [`RunError::Interrupted`] when a termination signal has arrived.
+fn check_signals(signals: &TermSignals) -> Result<(), RunError> {
+    match signals.received() {
+        Some(signo) => Err(RunError::Interrupted(signals::name(signo))),
+        None => Ok(()),
+    }
+}
+
+/// Trusted launch: attest, unseal, open, read the boot files once and verify those bytes,
+/// start the guest's vTPM on the bundle's state, boot the verified bytes with the bundle's
+/// disk and a TPM CRB device, and on the way out (power-off, reset, API, SIGTERM/SIGINT)
+/// write the vTPM state back into the bundle. The vTPM's scratch directory goes with the
+/// [`Vtpm`] on every return path.
+fn run_bundle(
+    args: &RunArgs,
+    bundle_path: &std::path::Path,
+    helper_disk: &std::path::Path,
+    signals: &TermSignals,
+) -> Result<(), RunError> {
     let kernel = args.kernel.clone().ok_or_else(|| {
         RunError::BadArgument(
             "--bundle needs --kernel (and --initramfs if the bundle lists one): the bundle \
@@ -178,17 +211,29 @@ fn run_bundle(args: &RunArgs, bundle_path: &std::path::Path) -> Result<(), RunEr
                 .into(),
         )
     })?;
-    let opened =
+    let mut opened =
         trusted_launch::attest_and_open(bundle_path, helper_disk, &args.trusted.tcti, true)?;
-    trusted_launch::verify_boot_files(&opened.manifest, &kernel, args.initramfs.as_deref())?;
-    let vtpm = Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)
-        .map_err(|e| RunError::Vtpm(e.to_string()))?;
+    check_signals(signals)?;
+    let verified = trusted_launch::read_verified_boot_files(
+        &opened.manifest,
+        &kernel,
+        args.initramfs.as_deref(),
+    )?;
+    test_pause_after_boot_verify();
+    if let Some(generation) =
+        trusted_launch::advance_rollback(&mut opened, &args.trusted.tcti, test_crash_in_rollback)?
+    {
+        tracing::info!(generation, "rollback generation advanced");
+    }
+    check_signals(signals)?;
+    let vtpm = Vtpm::start(&opened.vtpm_state, &opened.vtpm_key_hex(), false)?;
+    check_signals(signals)?;
     let VtpmEndpoint::Unix { data, .. } = vtpm.endpoint().clone() else {
-        return Err(RunError::Vtpm("the vTPM has no unix socket".into()));
+        unreachable!("Vtpm::start(.., tcp: false) serves unix sockets");
     };
     let manifest = opened.manifest.clone();
     let bundle = Arc::new(RwLock::new(opened.bundle));
-    let disk = BundleDisk::new(bundle.clone()).map_err(|e| RunError::Vtpm(e.to_string()))?;
+    let disk = BundleDisk::new(bundle.clone()).map_err(RunError::BundleDisk)?;
     let mut config = args.vm_config()?;
     config.cpus = u8::try_from(manifest.vcpus)
         .map_err(|_| RunError::BadArgument(format!("bundle asks for {} vCPUs", manifest.vcpus)))?;
@@ -199,8 +244,17 @@ fn run_bundle(args: &RunArgs, bundle_path: &std::path::Path) -> Result<(), RunEr
         None => manifest.cmdline.clone(),
     };
     let extras = Extras {
-        disks: vec![(Arc::new(disk), false, "bundle".into())],
+        disks: vec![ExtraDisk {
+            backend: Arc::new(disk),
+            readonly: false,
+            name: "bundle".into(),
+        }],
         tpm_socket: Some(data),
+        boot_images: Some(BootImages {
+            kernel: verified.kernel,
+            initramfs: verified.initramfs,
+            kernel_name: kernel.display().to_string(),
+        }),
     };
     tracing::info!(
         bundle = %bundle_path.display(),
@@ -209,21 +263,50 @@ fn run_bundle(args: &RunArgs, bundle_path: &std::path::Path) -> Result<(), RunEr
         open_ms = opened.timings.open.as_millis() as u64,
         "host attested; bundle opened"
     );
-    let outcome = Vm::with_extras(config, extras).and_then(Vm::run);
+    let outcome = Vm::with_extras(config, extras).and_then(|vm| {
+        signals.stop_on_signal(vm.stop_signal());
+        vm.run()
+    });
     // Whatever happened to the VM, the vTPM's state goes back into the bundle.
-    let write_back = {
-        let mut bundle = bundle
-            .write()
-            .map_err(|_| RunError::Vtpm("bundle lock poisoned".into()))?;
-        vtpm.stop_and_write_back(&mut bundle)
+    let write_back = match bundle.write() {
+        Ok(mut bundle) => vtpm
+            .stop_and_write_back(&mut bundle)
+            .map_err(RunError::VtpmWriteBack),
+        Err(_) => Err(RunError::BundlePoisoned),
     };
     let reason = outcome?;
-    write_back.map_err(|e| RunError::Vtpm(format!("vTPM write-back failed: {e}")))?;
+    write_back?;
     eprintln!(
         "sealvm: the vTPM state was written back into {}",
         bundle_path.display()
     );
     report(reason)
+}
+
+/// Test hook, debug builds only: with `SEALVM_TEST_CRASH_IN_ROLLBACK=1`, aborts the process
+/// between the bundle's rollback-generation write and the host counter increment, as a
+/// power cut there would, so a test can show the next launch still works.
+fn test_crash_in_rollback() {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("SEALVM_TEST_CRASH_IN_ROLLBACK").is_some() {
+        eprintln!("sealvm: test crash between the rollback steps");
+        std::process::abort();
+    }
+}
+
+/// Test hook, debug builds only: sleeps `SEALVM_TEST_PAUSE_AFTER_BOOT_VERIFY_MS` between
+/// the boot-file check and the boot, so a test can swap the kernel file in that window and
+/// show the swapped file is never booted (the window is microseconds otherwise, too short
+/// to hit reliably). It only widens a race; it changes nothing that is checked.
+fn test_pause_after_boot_verify() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("SEALVM_TEST_PAUSE_AFTER_BOOT_VERIFY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        eprintln!("sealvm: test pause after the boot-file check ({ms} ms)");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 fn report(reason: StopReason) -> Result<(), RunError> {
@@ -233,6 +316,10 @@ fn report(reason: StopReason) -> Result<(), RunError> {
             eprintln!("sealvm: the guest reset; sealvm exits (restart it to boot again)")
         }
         StopReason::ApiShutdown => eprintln!("sealvm: shut down through the API"),
+        StopReason::HostSignal(signo) => eprintln!(
+            "sealvm: stopped by {}; the guest was stopped as at power-off",
+            signals::name(signo)
+        ),
         StopReason::Error(what) => return Err(RunError::Stopped(what)),
     }
     Ok(())

@@ -8,7 +8,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
-use std::fs::File;
+use std::io::Cursor;
 use std::path::Path;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend as _};
 
@@ -28,7 +28,7 @@ const INITRAMFS_ALIGN: u64 = 4096;
 /// Errors loading what the guest boots.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel file cannot be opened.
+    /// The kernel file cannot be opened or read.
     #[error("cannot open kernel {path}")]
     KernelFile {
         /// The path given.
@@ -125,22 +125,52 @@ pub struct Loaded {
     pub entry: Entry,
 }
 
-/// Loads `kernel` (ELF or bzImage), the optional initramfs and the command line, and writes
-/// the start info or zero page. The ACPI tables must be written separately at [`ACPI_START`].
-pub fn load(
-    mem: &GuestMemory,
-    kernel: &Path,
-    initramfs: Option<&Path>,
-    cmdline: &str,
-) -> Result<Loaded, BootError> {
-    let path = kernel.display().to_string();
-    let mut file = File::open(kernel).map_err(|source| BootError::KernelFile {
-        path: path.clone(),
-        source,
-    })?;
+/// The bytes the guest boots, read once: the kernel and the optional initramfs. A trusted
+/// launch verifies these bytes against the bundle's digests and boots the same bytes, so a
+/// file swapped after the check is never loaded.
+#[derive(Clone)]
+pub struct BootImages {
+    /// The kernel image (ELF or bzImage).
+    pub kernel: Vec<u8>,
+    /// The initramfs, when there is one.
+    pub initramfs: Option<Vec<u8>>,
+    /// Where the kernel came from, for messages.
+    pub kernel_name: String,
+}
+
+impl BootImages {
+    /// Reads `kernel` and `initramfs` into memory, each once.
+    pub fn read(kernel: &Path, initramfs: Option<&Path>) -> Result<Self, BootError> {
+        let kernel_bytes = std::fs::read(kernel).map_err(|source| BootError::KernelFile {
+            path: kernel.display().to_string(),
+            source,
+        })?;
+        let initramfs = initramfs
+            .map(|path| {
+                std::fs::read(path).map_err(|source| BootError::Initramfs {
+                    path: path.display().to_string(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            kernel: kernel_bytes,
+            initramfs,
+            kernel_name: kernel.display().to_string(),
+        })
+    }
+}
+
+/// Loads the kernel of `images` (ELF or bzImage), its initramfs and the command line, and
+/// writes the start info or zero page. The ACPI tables must be written separately at
+/// [`ACPI_START`].
+pub fn load(mem: &GuestMemory, images: &BootImages, cmdline: &str) -> Result<Loaded, BootError> {
+    let path = images.kernel_name.clone();
+    let mut file = Cursor::new(images.kernel.as_slice());
     let (result, bzimage) = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => (result, false),
         Err(elf_error) => {
+            file.set_position(0);
             match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
                 Ok(result) => (result, true),
                 Err(bz_error) => {
@@ -162,10 +192,10 @@ pub fn load(
         .map_err(|_| BootError::GuestMemory {
             what: "command line",
         })?;
-    let initramfs = match initramfs {
-        Some(path) => Some(load_initramfs(
+    let initramfs = match &images.initramfs {
+        Some(data) => Some(load_initramfs(
             mem,
-            path,
+            data,
             result.kernel_end.max(HIMEM_START),
         )?),
         None => None,
@@ -196,13 +226,9 @@ pub fn load(
 /// Copies the initramfs as high in RAM as it fits, page aligned; returns (address, size).
 fn load_initramfs(
     mem: &GuestMemory,
-    path: &Path,
+    data: &[u8],
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|source| BootError::Initramfs {
-        path: path.display().to_string(),
-        source,
-    })?;
     let size = data.len() as u64;
     let top = mem.last_addr().raw_value() + 1;
     let start = top
@@ -210,7 +236,7 @@ fn load_initramfs(
         .map(|a| a & !(INITRAMFS_ALIGN - 1))
         .filter(|&a| a >= kernel_end)
         .ok_or(BootError::InitramfsTooBig { size })?;
-    mem.write_slice(&data, GuestAddress(start))
+    mem.write_slice(data, GuestAddress(start))
         .map_err(|_| BootError::GuestMemory { what: "initramfs" })?;
     Ok((start, size))
 }
@@ -369,9 +395,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("junk");
         std::fs::write(&kernel, vec![0x42u8; 8192]).unwrap();
-        let error = load(&mem, &kernel, None, "").unwrap_err();
+        let images = BootImages::read(&kernel, None).unwrap();
+        let error = load(&mem, &images, "").unwrap_err();
         assert!(matches!(error, BootError::KernelFormat { .. }), "{error}");
-        let missing = load(&mem, &dir.path().join("nope"), None, "").unwrap_err();
+        let missing = BootImages::read(&dir.path().join("nope"), None)
+            .err()
+            .unwrap();
         assert!(matches!(missing, BootError::KernelFile { .. }));
     }
 

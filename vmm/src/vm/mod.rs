@@ -90,14 +90,27 @@ fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
 }
 
-/// Devices that do not come from a [`VmConfig`]: what a trusted launch adds.
+/// Devices and boot bytes that do not come from a [`VmConfig`]: what a trusted launch adds.
 #[derive(Default)]
 pub struct Extras {
     /// Disks served from sealvm's own storage (a bundle's encrypted disk), before the
-    /// configured ones: (backend, read-only, name).
-    pub disks: Vec<(Arc<dyn BlockBackend>, bool, String)>,
+    /// configured ones.
+    pub disks: Vec<ExtraDisk>,
     /// A TPM CRB device forwarding to the swtpm data socket at this path.
     pub tpm_socket: Option<std::path::PathBuf>,
+    /// The kernel and initramfs bytes to boot instead of reading `config.kernel` and
+    /// `config.initramfs` (a trusted launch passes the bytes it verified).
+    pub boot_images: Option<boot::BootImages>,
+}
+
+/// A disk served from sealvm's own storage.
+pub struct ExtraDisk {
+    /// What serves the sectors.
+    pub backend: Arc<dyn BlockBackend>,
+    /// Refuse guest writes.
+    pub readonly: bool,
+    /// The device's name in logs and counters.
+    pub name: String,
 }
 
 /// A built VM, ready to run.
@@ -122,8 +135,12 @@ impl Vm {
     }
 
     /// Builds the VM described by `config` plus `extras`.
-    pub fn with_extras(config: VmConfig, extras: Extras) -> Result<Self, VmError> {
+    pub fn with_extras(config: VmConfig, mut extras: Extras) -> Result<Self, VmError> {
         config.validate()?;
+        let images = match extras.boot_images.take() {
+            Some(images) => images,
+            None => boot::BootImages::read(&config.kernel, config.initramfs.as_deref())?,
+        };
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm_fd = kvm.create_vm().map_err(VmError::Kvm)?;
         vm_fd
@@ -174,8 +191,8 @@ impl Vm {
         pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(stop.clone()))));
 
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (backend, readonly, name) in extras.disks {
-            devices.push(Box::new(Block::new(backend, readonly, name)));
+        for disk in extras.disks {
+            devices.push(Box::new(Block::new(disk.backend, disk.readonly, disk.name)));
         }
         for (i, disk) in config.disks.iter().enumerate() {
             devices.push(match disk {
@@ -252,7 +269,7 @@ impl Vm {
                 tpm_crb: extras.tpm_socket.is_some(),
             },
         )?;
-        let loaded = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
+        let loaded = boot::load(&mem, &images, &cmdline)?;
         boot::write_gdt_and_page_tables(&mem, loaded.entry)?;
 
         let mut vcpus = Vec::new();
@@ -284,6 +301,11 @@ impl Vm {
             control: RunControl::new(),
             cmdline,
         })
+    }
+
+    /// A handle that stops the VM from another thread (a signal watcher).
+    pub fn stop_signal(&self) -> StopSignal {
+        self.stop.clone()
     }
 
     /// The command line the guest gets (with sealvm's device map appended).

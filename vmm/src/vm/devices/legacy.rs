@@ -16,6 +16,8 @@ pub enum StopReason {
     Reset,
     /// Shutdown through the API socket.
     ApiShutdown,
+    /// sealvm received a termination signal (SIGTERM, SIGINT): stopped as a power-off.
+    HostSignal(i32),
     /// A vCPU failed; the message says why.
     Error(&'static str),
 }
