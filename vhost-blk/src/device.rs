@@ -49,12 +49,16 @@ impl BlockDevice {
     pub fn new(volume: Arc<dyn BlockBackend>, read_only: bool, num_queues: usize) -> Self {
         let capacity_sectors = volume.capacity_bytes() / sealvm_virtio_blk::SECTOR_SIZE;
         let limits = Limits::for_capacity(capacity_sectors, read_only);
+        // A journaled volume keeps the driver's cache mode: after a restart of sealvm-blk the
+        // frontend reconnects without writing the configuration again, and the guest still
+        // sends no flushes.
+        let saved_write_through = volume.saved_write_through() == Some(true);
         let config = ConfigSpace {
             capacity_sectors,
             size_max: 1 << 20,
             seg_max: (limits.max_segments - 2) as u32,
             blk_size: 512,
-            writeback: 1,
+            writeback: u8::from(!saved_write_through),
             num_queues: num_queues as u16,
             max_discard_sectors: limits.max_discard_sectors,
             max_discard_seg: limits.max_discard_segments,
@@ -69,7 +73,7 @@ impl BlockDevice {
             event_idx: AtomicBool::new(false),
             flush_negotiated: AtomicBool::new(true),
             wce_negotiated: AtomicBool::new(false),
-            write_through: AtomicBool::new(false),
+            write_through: AtomicBool::new(saved_write_through),
             mem: Mutex::new(None),
             counters: DeviceCounters::default(),
             last_error_log: Mutex::new(None),
@@ -267,6 +271,7 @@ impl VhostUserBackend for BlockDevice {
             self.update_cache_mode(config.writeback);
             let write_through = self.write_through();
             tracing::info!(write_through, "the driver changed the cache mode");
+            self.volume.save_write_through(config.writeback == 0)?;
             if write_through {
                 // Writes acknowledged under write-back become durable now too.
                 self.volume.flush()?;
