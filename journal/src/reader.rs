@@ -292,6 +292,16 @@ impl Reader {
                 self.current = None;
                 continue;
             }
+            if next != self.cursor.last_seq + 1 {
+                let base_seq = dir::read_state(&self.dir)?.base_seq;
+                if base_seq > self.cursor.last_seq {
+                    // The next segment was folded while this one was read.
+                    return Err(JournalError::FoldedAway {
+                        asked: self.cursor.last_seq,
+                        base_seq,
+                    });
+                }
+            }
             if ended.dropped_len > 0 || next != self.cursor.last_seq + 1 {
                 // A segment is complete on disk before the next one is created, so only
                 // the last can end in a torn record, and none can be missing.

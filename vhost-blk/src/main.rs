@@ -84,6 +84,26 @@ enum Command {
         #[command(subcommand)]
         command: PitCommand,
     },
+    /// The journal itself: convert its format.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Convert a format-version-1 journal to version 2 (needed to serve it; `pit` reads
+    /// both). Crash-safe, one segment at a time; run it again to finish an interrupted
+    /// upgrade. The volume must not be served meanwhile.
+    Upgrade {
+        /// The base image the journal started from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The journal directory.
+        #[arg(long)]
+        journal: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +208,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             agent_socket,
             name,
         } => bookmark(&api_socket, agent_socket.as_deref(), &name),
+        Command::Journal {
+            command: JournalCommand::Upgrade { base, journal },
+        } => {
+            let report = sealvm_journal::upgrade::upgrade(&journal, &base)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Pit { command } => match command {
             PitCommand::List { journal, json } => pit_list(&journal, json),
             PitCommand::Expose {
@@ -415,6 +442,12 @@ fn pit_list(journal_dir: &std::path::Path, as_json: bool) -> anyhow::Result<()> 
         "points in time: seq {}..{} ({} records, {span:.3} s of history, {} bytes in {} segments)",
         points.oldest_seq, points.last_seq, points.records, points.journal_bytes, points.segments,
     );
+    if points.format_version < sealvm_journal::format::VERSION {
+        println!(
+            "journal format version {}: readable; serve it after `sealvm-blk journal upgrade`",
+            points.format_version
+        );
+    }
     if points.folded_through_seq > 0 {
         println!(
             "history up to seq {} is folded into the base (retention)",

@@ -823,6 +823,114 @@ mod tests {
     }
 
     #[test]
+    fn bookmark_names_that_read_as_a_point_or_are_in_use_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let (volume, _) = JournaledVolume::open(&base_path, &dir.path().join("j"), false).unwrap();
+        volume.write_at(0, &[1; 512]).unwrap();
+        for name in ["2", "latest", "@1", "bookmark:x"] {
+            let err = volume.bookmark(name).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{name}: {err}");
+        }
+        volume.bookmark("before").unwrap();
+        let err = volume.bookmark("before").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let err = JournaledVolume::bookmark_group(&[&volume], "before").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let names: Vec<_> = volume.bookmarks().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["before"], "a refused bookmark was recorded");
+        assert_eq!(volume.journal_position().1, 2);
+    }
+
+    /// Uses the writer's fault seam (`inject_sync_failures`): a real fdatasync failure needs
+    /// a device that fails writes (dm-error), which a unit test cannot set up.
+    #[test]
+    fn a_failed_fdatasync_fails_every_later_flush_until_the_journal_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        volume.write_at(0, &[1; 512]).unwrap();
+        volume.flush().unwrap();
+        volume.write_at(512, &[2; 512]).unwrap();
+        volume.inject_sync_failures(1);
+        assert!(
+            volume.flush().is_err(),
+            "the failing fdatasync was not reported"
+        );
+        // The disk works again, but the pages the kernel could not write may be gone: a
+        // retried fdatasync would succeed without them. Every later flush fails instead.
+        for _ in 0..3 {
+            let err = volume.flush().unwrap_err();
+            assert!(err.to_string().contains("restart sealvm-blk"), "{err}");
+        }
+        assert!(volume.write_at(1024, &[3; 512]).is_err());
+        assert!(volume.bookmark("after-failure").is_err());
+        drop(volume);
+        // Reopening replays what really is in the journal, and flushes work again.
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        volume.write_at(1024, &[3; 512]).unwrap();
+        volume.flush().unwrap();
+        let mut buf = vec![0u8; 1536];
+        volume.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf[..512], &[1; 512][..]);
+        assert_eq!(&buf[1024..], &[3; 512][..]);
+    }
+
+    #[test]
+    fn a_whole_device_discard_is_one_small_record_and_one_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("big.raw");
+        let gib = 1u64 << 30;
+        std::fs::write(&base_path, vec![0x11u8; 4096]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&base_path)
+            .unwrap()
+            .set_len(gib)
+            .unwrap();
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        for i in 0..64 {
+            volume.write_at(i * (1 << 20), &[7; 4096]).unwrap();
+        }
+        let (before, _) = volume.journal_position();
+        volume.discard(0, gib).unwrap();
+        let (after, _) = volume.journal_position();
+        assert_eq!(after - before, format::record_len(8), "a discard of 1 GiB");
+        assert_eq!(volume.index_extents(), 1);
+        let mut buf = vec![1u8; 8192];
+        volume.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "discarded sectors read back data"
+        );
+        volume.write_zeroes(512, 512, false).unwrap();
+        volume.write_at(4096, &[5; 512]).unwrap();
+        drop(volume);
+        // Replay builds the same map: zeroes over the base, split by the two later records
+        // into five extents.
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(volume.index_extents(), 5);
+        volume.read_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&buf[4096..4608], &[5; 512][..]);
+    }
+
+    #[test]
+    fn the_guests_write_through_mode_is_kept_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(volume.saved_write_through(), Some(false));
+        volume.save_write_through(true).unwrap();
+        drop(volume);
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(volume.saved_write_through(), Some(true));
+    }
+
+    #[test]
     fn a_second_server_on_the_same_journal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = base(dir.path(), 16);
