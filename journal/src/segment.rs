@@ -232,7 +232,9 @@ impl<S: SegmentBytes> SegmentScanner<S> {
         let inside = at >= self.window_start
             && at + len as u64 <= self.window_start + self.window_len as u64;
         if !inside {
-            self.window.resize(len.max(WINDOW), 0);
+            let left = self.src.len_bytes()?.saturating_sub(at);
+            let want = len.max(WINDOW.min(usize::try_from(left).unwrap_or(WINDOW)));
+            self.window.resize(want, 0);
             self.window_start = at;
             self.window_len = self.src.read_at(&mut self.window, at)?;
         }
@@ -334,8 +336,9 @@ fn valid_record_after<S: SegmentBytes + ?Sized>(
     last_seq: u64,
 ) -> io::Result<Option<u64>> {
     const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK + HEADER_LEN];
     let mut start = damaged + 8;
+    let left = src.len_bytes()?.saturating_sub(start);
+    let mut buf = vec![0u8; CHUNK.min(usize::try_from(left).unwrap_or(CHUNK)) + HEADER_LEN];
     loop {
         let got = src.read_at(&mut buf, start)?;
         if got < HEADER_LEN {
