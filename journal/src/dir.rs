@@ -7,7 +7,8 @@
 //! - `state.json`: [`JournalState`], replaced crash-safely ([`sealvm_os::durable`]);
 //! - `folded-base.raw`: the image with every folded record applied, once anything is folded;
 //! - `consumers/<name>.json`: consumer cursors ([`crate::consumer`]);
-//! - `serve.lock` (one writer per journal) and `fold.lock` (the version-1 readers' hold).
+//! - `serve.lock` (one writer per journal) and `fold.lock` (taken shared while a reader
+//!   places a hold, exclusively by the folder).
 
 use crate::format::{self, Identity, SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::segment::SegmentBytes;

@@ -7,6 +7,7 @@
 //! - [`segment`]: reading one segment, and telling a torn tail (cut) from damage (refused);
 //! - [`dir`]: the journal directory, its state (identity, folded history, cache mode) and
 //!   the checks that a journal, its image and its folded base belong together;
+//! - [`consumer`]: named consumer cursors with a budget, and readers' holds;
 //! - [`reader`]: records in order from a cursor, following a live journal;
 //! - [`writer`]: the one writer: appends, rotation, fdatasync and sync points;
 //! - [`extent_map`]: where each written extent's newest data lies, at any point in time;
@@ -19,6 +20,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bookmark;
+pub mod consumer;
 pub mod dir;
 pub mod extent_map;
 pub mod format;

@@ -8,7 +8,8 @@
 //! which may keep appending while the view is served. It holds the journal's history for
 //! its whole life, so the server folds nothing away under it.
 
-use crate::journal::{self, Cursor, HistoryHold, JournalError};
+use crate::journal::{self, Cursor, JournalError};
+use sealvm_journal::consumer::{ConsumerError, ReaderHold};
 use sealvm_journal::extent_map::{Change, Extent, ExtentMap, Source, Timeline, SECTOR};
 use sealvm_journal::format::{self, RecordKind};
 use sealvm_journal::reader::Reader;
@@ -89,8 +90,9 @@ pub struct PointInTimeImage {
     /// Segment files by ordinal.
     segments: RwLock<Vec<File>>,
     dir: PathBuf,
-    base_seq: u64,
-    _hold: Option<HistoryHold>,
+    /// Where folding must stop: the lowest point the view shows. Moved before the view
+    /// moves back, after it moves forward.
+    hold: Mutex<ReaderHold>,
     history: RwLock<History>,
     overlay: Mutex<Overlay>,
     writable: bool,
@@ -110,7 +112,7 @@ impl PointInTimeImage {
                 source: io::Error::from(io::ErrorKind::NotFound),
             });
         }
-        let hold = journal::hold_history(dir)?;
+        let hold = ReaderHold::take(dir, seq).map_err(consumer_error)?;
         let state = journal::read_state(dir)?;
         sealvm_journal::dir::check_base(dir, base, &state)?;
         let base = RawFile::open(&journal::effective_base(dir, base), true)?;
@@ -128,8 +130,7 @@ impl PointInTimeImage {
             base,
             segments: RwLock::new(Vec::new()),
             dir: dir.to_path_buf(),
-            base_seq: state.base_seq,
-            _hold: hold,
+            hold: Mutex::new(hold),
             history: RwLock::new(History {
                 timeline: Timeline::new(),
                 cursor: None,
@@ -165,11 +166,10 @@ impl PointInTimeImage {
     /// the records between the two points (plus any records appended to the journal since
     /// the last look, read once).
     pub fn retarget(&self, seq: u64) -> Result<Retargeted, ImageAccessError> {
-        if seq < self.base_seq {
-            return Err(ImageAccessError::FoldedAway {
-                asked: seq,
-                base_seq: self.base_seq,
-            });
+        let mut hold = self.hold.lock().map_err(|_| poisoned())?;
+        if seq < hold.seq() {
+            // Moving back: the hold goes first, refused if folding already passed `seq`.
+            hold.move_to(seq).map_err(consumer_error)?;
         }
         let mut history = self.history.write().map_err(|_| poisoned())?;
         if history.cursor.is_none() || seq > history.scanned_seq {
@@ -182,6 +182,10 @@ impl PointInTimeImage {
             });
         }
         let records = history.timeline.seek(seq) as u64;
+        if seq > hold.seq() {
+            // Moving forward: what lies before `seq` is no longer looked at.
+            hold.move_to(seq).map_err(consumer_error)?;
+        }
         let mut overlay = self.overlay.lock().map_err(|_| poisoned())?;
         if !overlay.written.is_empty() {
             overlay.written = ExtentMap::new();
@@ -277,6 +281,19 @@ fn overlay_file(dir: &Path, len: u64) -> io::Result<File> {
     };
     file.set_len(len)?;
     Ok(file)
+}
+
+fn consumer_error(e: ConsumerError) -> ImageAccessError {
+    match e {
+        ConsumerError::Journal(e) => ImageAccessError::Journal(e),
+        ConsumerError::FoldedAway { asked, base_seq } => {
+            ImageAccessError::FoldedAway { asked, base_seq }
+        }
+        other => ImageAccessError::Segment {
+            dir: PathBuf::from(sealvm_journal::consumer::CONSUMERS_DIR),
+            source: io::Error::other(other.to_string()),
+        },
+    }
 }
 
 fn poisoned() -> ImageAccessError {

@@ -45,11 +45,13 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Serve {
         /// NAME=PATH[,journal=DIR][,readonly][,write-through][,retain=AGE][,retain-bytes=SIZE]
-        /// [,segment-size=SIZE]: the raw image to serve. With a journal every write is
+        /// [,consumer-budget=SIZE][,segment-size=SIZE]: the raw image to serve. With a journal every write is
         /// journaled and PATH is never written; retain= (30m, 24h, 7d) and retain-bytes=
         /// (512M, 10G) bound how far back points in time reach (default: no limit), and
         /// history older than that is folded away a segment (segment-size=, default 64M) at
-        /// a time.
+        /// a time. Named consumers (replication, backups) hold history they have not
+        /// consumed until the journal passes consumer-budget=; then they are marked for
+        /// resync.
         /// Also: socket=PATH (instead of a --socket) and queues=N.
         #[arg(long, required_unless_present = "config")]
         volume: Vec<String>,
@@ -452,6 +454,18 @@ fn pit_list(journal_dir: &std::path::Path, as_json: bool) -> anyhow::Result<()> 
         println!(
             "history up to seq {} is folded into the base (retention)",
             points.folded_through_seq
+        );
+    }
+    for c in &points.consumers {
+        println!(
+            "consumer {:<23} seq {:>10}  {}",
+            c.name,
+            c.seq,
+            if c.resync {
+                "needs resync: the journal passed its consumer budget"
+            } else {
+                "holds history after its seq"
+            }
         );
     }
     for b in points.bookmarks {

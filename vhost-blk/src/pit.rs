@@ -4,6 +4,7 @@
 //! `sealvm-blk journal upgrade`).
 
 use crate::journal::{self, Bookmark, JournalError};
+use sealvm_journal::consumer::{self, Consumer, ConsumerError, ReaderHold};
 use sealvm_journal::extent_map::{ExtentMap, Source, SECTOR};
 use sealvm_journal::format::{self, RecordKind};
 use sealvm_journal::reader::Reader;
@@ -149,6 +150,9 @@ pub struct Points {
     pub format_version: u16,
     /// Bookmarks within reach, oldest first.
     pub bookmarks: Vec<Bookmark>,
+    /// Named consumers (replication, backups): how far each has consumed, and whether
+    /// it was marked for resync because the journal passed its consumer budget.
+    pub consumers: Vec<Consumer>,
 }
 
 /// Reads how far back the journal in `journal_dir` reaches, holding its history meanwhile.
@@ -156,7 +160,7 @@ pub fn points(journal_dir: &Path) -> Result<Points, PitError> {
     if !journal_dir.is_dir() {
         return Err(PitError::NotAJournal(journal_dir.to_path_buf()));
     }
-    let _hold = journal::hold_history(journal_dir)?;
+    let _hold = hold_oldest(journal_dir)?;
     let state = journal::read_state(journal_dir)?;
     let base_seq = state.base_seq;
     let mut bookmarks = Vec::new();
@@ -183,13 +187,14 @@ pub fn points(journal_dir: &Path) -> Result<Points, PitError> {
         torn_tail_bytes: summary.dropped_len,
         format_version: state.version,
         bookmarks,
+        consumers: consumer::list(journal_dir).map_err(consumer_error)?,
     })
 }
 
 /// Resolves `point` to the last sequence number it includes. A point older than the folded
 /// history is [`PitError::FoldedAway`].
 pub fn resolve(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError> {
-    let _hold = journal::hold_history(journal_dir)?;
+    let _hold = hold_oldest(journal_dir)?;
     let base_seq = journal::read_state(journal_dir)?.base_seq;
     let seq = resolve_in(journal_dir, point)?;
     if seq < base_seq {
@@ -296,15 +301,9 @@ pub fn restore(
         path: base.to_path_buf(),
         source,
     })?;
-    let _hold = journal::hold_history(journal_dir)?;
+    let _hold = hold(journal_dir, seq)?;
     let state = journal::read_state(journal_dir)?;
     sealvm_journal::dir::check_base(journal_dir, base, &state)?;
-    if seq < state.base_seq {
-        return Err(PitError::FoldedAway {
-            asked: seq,
-            base_seq: state.base_seq,
-        });
-    }
     let base = journal::effective_base(journal_dir, base);
     let partial = to.with_extension("partial");
     let result = restore_into(&base, journal_dir, seq, &partial, &mut progress);
@@ -320,6 +319,39 @@ pub fn restore(
     let dir = sealvm_os::durable::parent_dir(to);
     sealvm_os::durable::sync_dir(&dir).map_err(write_err)?;
     Ok(())
+}
+
+/// A reader's hold at `seq` on the journal in `journal_dir`: folding does not pass it while
+/// it lives. A journal directory that does not exist needs none.
+pub fn hold(journal_dir: &Path, seq: u64) -> Result<Option<ReaderHold>, PitError> {
+    if !journal_dir.is_dir() {
+        return Ok(None);
+    }
+    ReaderHold::take(journal_dir, seq)
+        .map(Some)
+        .map_err(consumer_error)
+}
+
+/// A reader's hold on the whole history still in reach of the journal in `journal_dir`.
+fn hold_oldest(journal_dir: &Path) -> Result<Option<ReaderHold>, PitError> {
+    if !journal_dir.is_dir() {
+        return Ok(None);
+    }
+    ReaderHold::take_oldest(journal_dir)
+        .map(Some)
+        .map_err(consumer_error)
+}
+
+/// A consumer error as a point-in-time error.
+fn consumer_error(e: ConsumerError) -> PitError {
+    match e {
+        ConsumerError::Journal(e) => PitError::Journal(e),
+        ConsumerError::FoldedAway { asked, base_seq } => PitError::FoldedAway { asked, base_seq },
+        other => PitError::Journal(JournalError::BadState {
+            path: PathBuf::from(consumer::CONSUMERS_DIR),
+            reason: other.to_string(),
+        }),
+    }
 }
 
 enum RestoreFailure {

@@ -7,6 +7,7 @@
 //! ("Retention and folding"); [`FoldStep`] names the points a test can stop at.
 
 use super::{JournaledVolume, State};
+use sealvm_journal::consumer;
 use sealvm_journal::dir::{self as journal, JournalError};
 use sealvm_journal::format::{self, RecordKind};
 use sealvm_journal::reader::{Cursor, Reader};
@@ -27,6 +28,11 @@ pub struct Retention {
     pub max_age_s: Option<u64>,
     /// Keep the journal at most this many bytes (the active segment is always kept).
     pub max_bytes: Option<u64>,
+    /// Named consumers (replication, backups) hold history they have not consumed until
+    /// the journal passes this many bytes; then the laggards are marked for resync.
+    /// `None`: consumers hold history without limit.
+    #[serde(default)]
+    pub consumer_budget: Option<u64>,
 }
 
 /// What a round of folding did.
@@ -41,6 +47,11 @@ pub struct FoldReport {
     pub base_seq: u64,
     /// Folding was due but a reader (restore, image access) holds the history.
     pub waiting_for_readers: bool,
+    /// Folding was due but a named consumer has not consumed the records yet (and the
+    /// journal is within the consumer budget).
+    pub waiting_for_consumers: bool,
+    /// Consumers marked for resync this round: the journal passed the consumer budget.
+    pub resync_marked: u64,
 }
 
 /// The steps of folding one segment, in order; a test stops after one to play a crash.
@@ -58,6 +69,8 @@ pub enum FoldStep {
 
 /// A segment chosen for folding, copied out of the state so the lock can be dropped.
 struct Candidate {
+    /// Already given up by the fold state (a crash left it half folded).
+    leftover: bool,
     ordinal: u32,
     first_seq: u64,
     last_seq: u64,
@@ -82,8 +95,9 @@ impl JournaledVolume {
         Ok(())
     }
 
-    /// Wakes the background folder before its next tick.
-    pub(super) fn wake_folder(&self) {
+    /// Wakes the background folder before its next tick (after a rotation, a retention
+    /// change, or a consumer that moved on).
+    pub fn wake_folder(&self) {
         let (flag, condvar) = &self.wake;
         if let Ok(mut woken) = flag.lock() {
             *woken = true;
@@ -100,6 +114,7 @@ impl JournaledVolume {
             .name("sealvm-blk-fold".into())
             .spawn(move || {
                 let mut blocked_logged = false;
+                let mut consumers_logged = false;
                 loop {
                     let Some(volume) = weak.upgrade() else { return };
                     match volume.fold_expired() {
@@ -117,7 +132,14 @@ impl JournaledVolume {
                                     "folding waits: a restore or an exposed image holds the history"
                                 );
                             }
+                            if report.waiting_for_consumers && !consumers_logged {
+                                tracing::info!(
+                                    "folding waits: a consumer has not consumed the oldest \
+                                     records (within its consumer budget)"
+                                );
+                            }
                             blocked_logged = report.waiting_for_readers;
+                            consumers_logged = report.waiting_for_consumers;
                         }
                         Err(e) => tracing::warn!(error = %e, "folding old history failed"),
                     }
@@ -152,6 +174,29 @@ impl JournaledVolume {
                 if lock.is_none() {
                     report.waiting_for_readers = true;
                     break;
+                }
+            }
+            if !candidate.leftover {
+                let holds = consumer::holds(&self.dir).map_err(io::Error::other)?;
+                if !holds.allow(candidate.last_seq) {
+                    if holds.readers.is_some_and(|r| r < candidate.last_seq) {
+                        report.waiting_for_readers = true;
+                        break;
+                    }
+                    let (bytes, budget) = {
+                        let state = self.read_state()?;
+                        (
+                            state.writer.journal_bytes(),
+                            state.retention.consumer_budget,
+                        )
+                    };
+                    if budget.is_none_or(|budget| bytes <= budget) {
+                        report.waiting_for_consumers = true;
+                        break;
+                    }
+                    report.resync_marked += consumer::mark_laggards(&self.dir, candidate.last_seq)
+                        .map_err(io::Error::other)?
+                        .len() as u64;
                 }
             }
             report.records += self.fold_segment(&candidate, None)?;
@@ -193,7 +238,10 @@ impl JournaledVolume {
             .retention
             .max_age_s
             .is_some_and(|max_age| is_older(oldest.last_time_ns, max_age));
-        Ok((leftover || over_bytes || too_old).then(|| oldest_closed(&state)))
+        Ok((leftover || over_bytes || too_old).then(|| Candidate {
+            leftover,
+            ..oldest_closed(&state)
+        }))
     }
 
     /// Takes the history exclusively if no reader holds it.
@@ -352,6 +400,7 @@ impl JournaledVolume {
 fn oldest_closed(state: &State) -> Candidate {
     let oldest = &state.writer.segments()[0];
     Candidate {
+        leftover: oldest.last_seq <= state.base_seq(),
         ordinal: state.writer.first_ordinal(),
         first_seq: oldest.first_seq,
         last_seq: oldest.last_seq,
@@ -563,6 +612,7 @@ mod tests {
             .set_retention(Retention {
                 max_age_s: None,
                 max_bytes: Some(8192),
+                consumer_budget: None,
             })
             .unwrap();
         let report = volume.fold_expired().unwrap();
@@ -621,6 +671,7 @@ mod tests {
             .set_retention(Retention {
                 max_age_s: Some(0),
                 max_bytes: None,
+                consumer_budget: None,
             })
             .unwrap();
         std::thread::sleep(Duration::from_millis(2));
@@ -682,6 +733,7 @@ mod tests {
             .set_retention(Retention {
                 max_age_s: None,
                 max_bytes: Some(4096),
+                consumer_budget: None,
             })
             .unwrap();
         let report = volume.fold_expired().unwrap();
@@ -709,6 +761,7 @@ mod tests {
             retention: Retention {
                 max_age_s: None,
                 max_bytes: Some(16384),
+                consumer_budget: None,
             },
             ..JournalOptions::default()
         };
