@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -21,6 +22,15 @@ use vmm_sys_util::event::{
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL`: the frontend may ask for dirty guest memory to be logged (live
+/// migration).
+const LOG_ALL_BIT: u64 = 1 << 26;
+/// Guest memory with a dirty-page log the frontend can install (LOG_SHMFD): every write the
+/// device makes to guest memory (read data, status bytes, used ring entries) marks its
+/// pages dirty while a migration logs them.
+pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+/// A queue over [`GuestMemory`].
+pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// Descriptors the device accepts per queue.
 const QUEUE_SIZE: usize = 256;
 
@@ -38,7 +48,7 @@ pub struct BlockDevice {
     /// Every write is made durable before it is acknowledged: the driver turned the cache
     /// off (`writeback` = 0) or cannot flush.
     write_through: AtomicBool,
-    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemory>>>,
     /// Counters for the API.
     pub counters: DeviceCounters,
     last_error_log: Mutex<Option<Instant>>,
@@ -80,7 +90,7 @@ impl BlockDevice {
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self
             .mem
             .lock()
@@ -165,7 +175,7 @@ impl BlockDevice {
     /// into IOERR and is returned to be counted.
     fn write_through_flush(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         request: &Request,
     ) -> Option<sealvm_virtio_blk::RequestError> {
         use sealvm_virtio_blk::{request::status, RequestError, RequestKind};
@@ -196,8 +206,8 @@ impl BlockDevice {
 }
 
 impl VhostUserBackend for BlockDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.num_queues
@@ -219,6 +229,7 @@ impl VhostUserBackend for BlockDevice {
             | Features::CONFIG_WCE
             | Features::DISCARD
             | Features::WRITE_ZEROES
+            | LOG_ALL_BIT
             | PROTOCOL_FEATURES_BIT;
         if self.num_queues > 1 {
             features |= Features::MQ;
@@ -229,8 +240,18 @@ impl VhostUserBackend for BlockDevice {
         features
     }
 
+    /// What qemu-storage-daemon's vhost-user-blk export offers, as far as
+    /// vhost-user-backend 0.24 lets a backend: CONFIG and MQ; REPLY_ACK (the vhost crate
+    /// answers `need_reply` messages); CONFIGURE_MEM_SLOTS (the handler adds and removes
+    /// regions one at a time; libblkio requires it); LOG_SHMFD (dirty logging through
+    /// [`GuestMemory`]'s bitmap, for live migration). Not INFLIGHT_SHMFD: the 0.24 handler
+    /// refuses GET_INFLIGHT_FD itself and gives a backend no way to serve it.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn acked_features(&self, features: u64) {
@@ -280,7 +301,7 @@ impl VhostUserBackend for BlockDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         *self.mem.lock().map_err(|_| io::Error::other("poisoned"))? = Some(mem);
         Ok(())
     }
@@ -298,7 +319,7 @@ impl VhostUserBackend for BlockDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

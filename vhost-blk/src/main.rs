@@ -323,6 +323,11 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
             image: None,
         });
     }
+    // SIGTERM/SIGINT: stop taking records, fdatasync every journal, exit 0.
+    sealvm_blk::shutdown::stop_on_signals(
+        served.iter().filter_map(|v| v.journal.clone()).collect(),
+    )
+    .context("cannot install the signal handlers")?;
     if let Some(api_socket) = &config.api_socket {
         api::spawn(api_socket, served.clone())
             .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;

@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// The default size at which the active segment is closed and a new one started.
@@ -140,6 +140,8 @@ pub struct JournaledVolume {
     folding: Mutex<()>,
     /// Wakes the background folder early (after a rotation or a retention change).
     wake: (Mutex<bool>, Condvar),
+    /// Set by [`JournaledVolume::stop`]: no record is appended any more.
+    stopped: AtomicBool,
     /// Counters for the API.
     pub counters: VolumeCounters,
 }
@@ -258,6 +260,7 @@ impl JournaledVolume {
             id,
             folding: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
+            stopped: AtomicBool::new(false),
             counters: VolumeCounters::default(),
         };
         Ok((
@@ -294,6 +297,12 @@ impl JournaledVolume {
         offset: u64,
         payload: &[u8],
     ) -> io::Result<sealvm_journal::writer::Appended> {
+        // Checked under the lock, so once `stop` has the lock no record follows its sync.
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "sealvm-blk is stopping: the journal takes no more records",
+            ));
+        }
         let segments = state.writer.segments().len();
         let appended = state.writer.append(kind, offset, payload)?;
         if state.writer.segments().len() != segments {
@@ -433,6 +442,17 @@ impl JournaledVolume {
         if let Ok(state) = self.read_state() {
             state.writer.inject_sync_failures(count);
         }
+    }
+
+    /// Stops the volume for a clean exit: refuses every later write, zero extent and
+    /// bookmark, and makes everything appended so far durable (fdatasync and a sync
+    /// point). Reads go on.
+    pub fn stop(&self) -> io::Result<()> {
+        self.stopped.store(true, Ordering::Release);
+        // Appends that saw the flag clear hold the write lock until they are done, so the
+        // sync target taken after them covers every record.
+        drop(self.write_state()?);
+        self.sync_and_record()
     }
 
     /// Appends a zero extent: `len` bytes at `offset` read as zeroes from here on.
