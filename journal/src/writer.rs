@@ -53,12 +53,36 @@ pub enum WriterError {
     SegmentSize(u64),
 }
 
+/// What became durable: told to a [`SyncObserver`] after the fact.
+#[derive(Debug, Clone, Copy)]
+pub enum SyncEvent<'a> {
+    /// An fdatasync of this segment file returned successfully: its bytes as they were
+    /// when it started are durable.
+    File(&'a Path),
+    /// An fsync of this directory returned: its entries (new segments) are durable.
+    Dir(&'a Path),
+}
+
+/// Called after every fdatasync and directory fsync the writer makes: the seam the crash
+/// simulator (`tests/crash_sim.rs`) records durability through.
+pub type SyncObserver = Arc<dyn Fn(SyncEvent<'_>) + Send + Sync>;
+
 /// Health shared by a writer and the sync handles it gives out.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Health {
     poisoned: Mutex<Option<String>>,
     is_poisoned: AtomicBool,
     injected_failures: AtomicU32,
+    observer: Mutex<Option<SyncObserver>>,
+}
+
+impl Health {
+    fn observe(&self, event: SyncEvent<'_>) {
+        let observer = self.observer.lock().ok().and_then(|o| o.clone());
+        if let Some(observer) = observer {
+            observer(event);
+        }
+    }
 }
 
 impl Health {
@@ -99,6 +123,8 @@ impl Health {
             }
             self.is_poisoned.store(true, Ordering::Release);
             tracing::error!(segment = %path.display(), error = %e, "fdatasync failed; the journal refuses every later write and flush until it is reopened");
+        } else {
+            self.observe(SyncEvent::File(path));
         }
         result
     }
@@ -280,7 +306,7 @@ impl Writer {
         let health = Arc::new(Health::default());
         if listed.is_empty() {
             let first = state.base_seq + 1;
-            create_segment(dir, &identity, first)?;
+            create_segment(dir, &identity, first, &health)?;
             listed.push((first, dir::segment_path(dir, first)));
         }
         if listed[0].0 > state.base_seq + 1 {
@@ -473,6 +499,14 @@ impl Writer {
             .store(count, Ordering::Release);
     }
 
+    /// Calls `observer` after every later fdatasync and directory fsync (the crash
+    /// simulator's seam).
+    pub fn set_sync_observer(&self, observer: SyncObserver) {
+        if let Ok(mut slot) = self.health.observer.lock() {
+            *slot = Some(observer);
+        }
+    }
+
     /// Fails if an earlier fdatasync failed.
     pub fn check_health(&self) -> io::Result<()> {
         self.health.check()
@@ -572,8 +606,8 @@ impl Writer {
         let active = self.active();
         self.health.fdatasync(&active.file, &active.path)?;
         let first_seq = self.next_seq;
-        let (path, file) =
-            create_segment(&self.dir, &self.identity, first_seq).map_err(io::Error::other)?;
+        let (path, file) = create_segment(&self.dir, &self.identity, first_seq, &self.health)
+            .map_err(io::Error::other)?;
         self.segments.push_back(SegmentState {
             first_seq,
             last_seq: first_seq - 1,
@@ -594,6 +628,7 @@ fn create_segment(
     dir: &Path,
     identity: &Identity,
     first_seq: u64,
+    health: &Health,
 ) -> Result<(PathBuf, File), JournalError> {
     let path = dir::segment_path(dir, first_seq);
     let file = OpenOptions::new()
@@ -603,7 +638,9 @@ fn create_segment(
         .open(&path)
         .map_err(JournalError::io(&path))?;
     write_segment_header(&file, &path, identity, first_seq)?;
+    health.observe(SyncEvent::File(&path));
     sealvm_os::durable::sync_dir(dir).map_err(JournalError::io(dir))?;
+    health.observe(SyncEvent::Dir(dir));
     Ok((path, file))
 }
 
