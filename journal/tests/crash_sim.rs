@@ -49,6 +49,10 @@ struct Sim {
     violations: Vec<String>,
 }
 
+/// A segment at a crash point: name, durable contents (if any were synced), current
+/// contents, whether its directory entry is durable.
+type SegmentNow = (String, Option<Vec<u8>>, Vec<u8>, bool);
+
 struct Rng(u64);
 
 impl Rng {
@@ -188,7 +192,7 @@ impl Sim {
 
     /// Enumerates the power-loss states possible now and checks each.
     fn crash_point(&mut self) {
-        let mut files: Vec<(String, Option<Vec<u8>>, Vec<u8>, bool)> = Vec::new();
+        let mut files: Vec<SegmentNow> = Vec::new();
         let mut entries = std::fs::read_dir(&self.journal)
             .unwrap()
             .map(|e| e.unwrap().path())
