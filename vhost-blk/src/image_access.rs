@@ -458,4 +458,49 @@ mod tests {
             "the overlay survived a retarget"
         );
     }
+
+    #[test]
+    fn a_writable_views_overlay_lives_in_an_unnamed_file_not_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![3u8; 8 << 20]).unwrap();
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
+        volume.write_at(0, &[5; 4096]).unwrap();
+        let files_before = std::fs::read_dir(&journal).unwrap().count();
+        let image = PointInTimeImage::open(&base, &journal, 1, true).unwrap();
+        // 4 MiB of writes in 1 MiB requests: four extents of bookkeeping, whatever the bytes.
+        for i in 0..4u64 {
+            image
+                .write_at(i << 20, &vec![i as u8 + 10; 1 << 20])
+                .unwrap();
+        }
+        assert_eq!(image.overlay_extents(), 4);
+        let mut buf = vec![0u8; 8192];
+        image.read_at((2 << 20) - 4096, &mut buf).unwrap();
+        assert_eq!(&buf[..4096], &[11; 4096][..]);
+        assert_eq!(&buf[4096..], &[12; 4096][..]);
+        image.read_at(5 << 20, &mut buf).unwrap();
+        assert_eq!(buf, vec![3u8; 8192], "unwritten sectors of the view");
+        let names = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // New: the consumers directory (the view's hold) and fold.lock, no overlay file.
+        let now = names(&journal);
+        assert_eq!(now.len(), files_before + 2, "{now:?}");
+        assert!(now.iter().all(|n| !n.contains("overlay")), "{now:?}");
+        image.retarget(1).unwrap();
+        assert_eq!(image.overlay_extents(), 0);
+        image.read_at(0, &mut buf).unwrap();
+        assert_eq!(
+            &buf[..4096],
+            &[5; 4096][..],
+            "the overlay survived a retarget"
+        );
+    }
 }
