@@ -6,7 +6,14 @@
 //! `{"command": "retention"}` (the limits in force and how far history reaches) and
 //! `{"command": "set-retention", "max-age-s": N, "max-bytes": N}` (either may be absent or
 //! null: no limit; older history is folded away at once, in the background),
-//! `{"command": "points"}` (what `pit list --json` shows) and
+//! `{"command": "points"}` (what `pit list --json` shows),
+//! consumer cursors (sealvm_journal::consumer): `{"command": "consumers"}` (each named
+//! consumer's `name`, `seq`, `resync` and `lag-records`), `{"command":
+//! "consumer-register", "name": NAME, "seq": N}` (`seq` absent: the latest record),
+//! `{"command": "consumer-advance", "name": NAME, "seq": N}` and `{"command":
+//! "consumer-remove", "name": NAME}`; `set-retention` also takes `consumer-budget` (bytes
+//! of journal past which a lagging consumer is marked for resync; absent: no limit), and
+//!
 //! `{"command": "restore", "at": POINT, "to": FILE}` (answers when the file is complete),
 //! and for an exposed point in time `{"command": "retarget", "at": POINT}`. Answers:
 //! `{"return": VALUE}` or `{"error": TEXT}`.
@@ -34,6 +41,7 @@ use crate::device::BlockDevice;
 use crate::image_access::PointInTimeImage;
 use crate::pit::{self, PointInTime};
 use crate::volume::{JournaledVolume, Retention};
+use sealvm_journal::consumer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -83,6 +91,25 @@ enum ApiRequest {
         max_age_s: Option<u64>,
         #[serde(default, rename = "max-bytes")]
         max_bytes: Option<u64>,
+        #[serde(default, rename = "consumer-budget")]
+        consumer_budget: Option<u64>,
+    },
+    Consumers {
+        volume: Option<String>,
+    },
+    ConsumerRegister {
+        volume: Option<String>,
+        name: String,
+        seq: Option<u64>,
+    },
+    ConsumerAdvance {
+        volume: Option<String>,
+        name: String,
+        seq: u64,
+    },
+    ConsumerRemove {
+        volume: Option<String>,
+        name: String,
     },
     Points {
         volume: Option<String>,
@@ -204,15 +231,45 @@ fn handle(request: ApiRequest, volumes: &[ServedVolume]) -> Result<Value, String
             volume,
             max_age_s,
             max_bytes,
+            consumer_budget,
         } => {
             let journal = journaled(volumes, volume.as_deref())?;
             journal
                 .set_retention(Retention {
                     max_age_s,
                     max_bytes,
+                    consumer_budget,
                 })
                 .map_err(|e| format!("cannot change the retention: {e}"))?;
             Ok(retention(journal))
+        }
+        ApiRequest::Consumers { volume } => Ok(consumers(journaled(volumes, volume.as_deref())?)?),
+        ApiRequest::ConsumerRegister { volume, name, seq } => {
+            let journal = journaled(volumes, volume.as_deref())?;
+            let seq = seq.unwrap_or(journal.journal_position().1);
+            let made =
+                consumer::register(journal.journal_dir(), &name, seq).map_err(|e| e.to_string())?;
+            Ok(json!(made))
+        }
+        ApiRequest::ConsumerAdvance { volume, name, seq } => {
+            let journal = journaled(volumes, volume.as_deref())?;
+            let last = journal.journal_position().1;
+            if seq > last {
+                return Err(format!(
+                    "seq {seq} is beyond the journal's last record {last}"
+                ));
+            }
+            let moved =
+                consumer::advance(journal.journal_dir(), &name, seq).map_err(|e| e.to_string())?;
+            // The consumer may have released history that retention wants gone.
+            journal.wake_folder();
+            Ok(json!(moved))
+        }
+        ApiRequest::ConsumerRemove { volume, name } => {
+            let journal = journaled(volumes, volume.as_deref())?;
+            consumer::remove(journal.journal_dir(), &name).map_err(|e| e.to_string())?;
+            journal.wake_folder();
+            Ok(json!({}))
         }
         ApiRequest::Points { volume } => {
             let journal = journaled(volumes, volume.as_deref())?;
@@ -274,6 +331,20 @@ fn describe(volume: &ServedVolume) -> Value {
         entry["flushes"] = json!(journal.counters.flushes.load(Ordering::Relaxed));
     }
     entry
+}
+
+/// The named consumers of a journal and how far each lags.
+fn consumers(journal: &JournaledVolume) -> Result<Value, String> {
+    let last = journal.journal_position().1;
+    let list = consumer::list(journal.journal_dir()).map_err(|e| e.to_string())?;
+    Ok(list
+        .into_iter()
+        .map(|c| {
+            let mut value = json!(c);
+            value["lag-records"] = json!(last.saturating_sub(c.seq));
+            value
+        })
+        .collect())
 }
 
 /// The retention in force and how far back history reaches.

@@ -13,6 +13,7 @@
 //! journal = "web1.journal"        # optional: journal every write
 //! retain = "24h"                  # optional: how far back points in time reach
 //! retain-bytes = "20G"            # optional
+//! consumer-budget = "40G"         # optional: past this, lagging consumers are marked for resync
 //! segment-size = "64M"            # optional, default 64M
 //! write-through = false           # optional: fdatasync every write
 //! readonly = false                # optional (not with a journal)
@@ -120,6 +121,7 @@ struct Options {
     write_through: bool,
     retain: Option<String>,
     retain_bytes: Option<String>,
+    consumer_budget: Option<String>,
     segment_size: Option<String>,
     queues: Option<usize>,
 }
@@ -158,6 +160,12 @@ impl Options {
                     .ok_or_else(|| bad(format!("retain-bytes={size} is not 512M or 10G")))?,
             );
         }
+        if let Some(size) = &self.consumer_budget {
+            options.retention.consumer_budget = Some(
+                parse_size(size)
+                    .ok_or_else(|| bad(format!("consumer-budget={size} is not 512M or 10G")))?,
+            );
+        }
         if let Some(size) = &self.segment_size {
             options.segment_bytes = parse_size(size)
                 .filter(|s| (4096..=MAX_SEGMENT_BYTES).contains(s))
@@ -165,11 +173,12 @@ impl Options {
         }
         let journaled_only = self.retain.is_some()
             || self.retain_bytes.is_some()
+            || self.consumer_budget.is_some()
             || self.segment_size.is_some()
             || self.write_through;
         if self.journal.is_none() && journaled_only {
             return Err(bad(
-                "retain, retain-bytes, segment-size and write-through need a journal".into(),
+                "retain, retain-bytes, consumer-budget, segment-size and write-through need a journal".into(),
             ));
         }
         if self.journal.is_some() && self.read_only {
@@ -194,7 +203,8 @@ impl Options {
 }
 
 /// Parses a `--volume` spec: `NAME=PATH[,socket=S][,journal=DIR][,readonly]
-/// [,write-through][,retain=AGE][,retain-bytes=SIZE][,segment-size=SIZE][,queues=N]`.
+/// [,write-through][,retain=AGE][,retain-bytes=SIZE][,consumer-budget=SIZE][,segment-size=SIZE]
+/// [,queues=N]`.
 /// `default_socket` (the matching `--socket`) and `default_queues` fill what it leaves out.
 pub fn parse_volume(
     spec: &str,
@@ -210,7 +220,8 @@ pub fn parse_volume(
     let (name, path) = first.split_once('=').ok_or_else(|| {
         bad(
             "expected NAME=PATH[,socket=S][,journal=DIR][,readonly][,write-through]\
-             [,retain=AGE][,retain-bytes=SIZE][,segment-size=SIZE][,queues=N]"
+             [,retain=AGE][,retain-bytes=SIZE][,consumer-budget=SIZE][,segment-size=SIZE]\
+             [,queues=N]"
                 .into(),
         )
     })?;
@@ -221,6 +232,7 @@ pub fn parse_volume(
         write_through: false,
         retain: None,
         retain_bytes: None,
+        consumer_budget: None,
         segment_size: None,
         queues: None,
     };
@@ -230,6 +242,7 @@ pub fn parse_volume(
             Some(("journal", dir)) => options.journal = Some(dir.into()),
             Some(("retain", age)) => options.retain = Some(age.into()),
             Some(("retain-bytes", size)) => options.retain_bytes = Some(size.into()),
+            Some(("consumer-budget", size)) => options.consumer_budget = Some(size.into()),
             Some(("segment-size", size)) => options.segment_size = Some(size.into()),
             Some(("queues", n)) => {
                 options.queues = Some(
@@ -292,6 +305,7 @@ struct FileVolume {
     write_through: bool,
     retain: Option<String>,
     retain_bytes: Option<String>,
+    consumer_budget: Option<String>,
     segment_size: Option<String>,
     queues: Option<usize>,
 }
@@ -318,6 +332,7 @@ pub fn from_file(path: &Path) -> Result<ServeConfig, ConfigError> {
             write_through: v.write_through,
             retain: v.retain,
             retain_bytes: v.retain_bytes,
+            consumer_budget: v.consumer_budget,
             segment_size: v.segment_size,
             queues: v.queues,
         };

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -21,6 +22,15 @@ use vmm_sys_util::event::{
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL`: the frontend may ask for dirty guest memory to be logged (live
+/// migration).
+const LOG_ALL_BIT: u64 = 1 << 26;
+/// Guest memory with a dirty-page log the frontend can install (LOG_SHMFD): every write the
+/// device makes to guest memory (read data, status bytes, used ring entries) marks its
+/// pages dirty while a migration logs them.
+pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+/// A queue over [`GuestMemory`].
+pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// Descriptors the device accepts per queue.
 const QUEUE_SIZE: usize = 256;
 
@@ -38,7 +48,7 @@ pub struct BlockDevice {
     /// Every write is made durable before it is acknowledged: the driver turned the cache
     /// off (`writeback` = 0) or cannot flush.
     write_through: AtomicBool,
-    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemory>>>,
     /// Counters for the API.
     pub counters: DeviceCounters,
     last_error_log: Mutex<Option<Instant>>,
@@ -49,12 +59,16 @@ impl BlockDevice {
     pub fn new(volume: Arc<dyn BlockBackend>, read_only: bool, num_queues: usize) -> Self {
         let capacity_sectors = volume.capacity_bytes() / sealvm_virtio_blk::SECTOR_SIZE;
         let limits = Limits::for_capacity(capacity_sectors, read_only);
+        // A journaled volume keeps the driver's cache mode: after a restart of sealvm-blk the
+        // frontend reconnects without writing the configuration again, and the guest still
+        // sends no flushes.
+        let saved_write_through = volume.saved_write_through() == Some(true);
         let config = ConfigSpace {
             capacity_sectors,
             size_max: 1 << 20,
             seg_max: (limits.max_segments - 2) as u32,
             blk_size: 512,
-            writeback: 1,
+            writeback: u8::from(!saved_write_through),
             num_queues: num_queues as u16,
             max_discard_sectors: limits.max_discard_sectors,
             max_discard_seg: limits.max_discard_segments,
@@ -69,14 +83,14 @@ impl BlockDevice {
             event_idx: AtomicBool::new(false),
             flush_negotiated: AtomicBool::new(true),
             wce_negotiated: AtomicBool::new(false),
-            write_through: AtomicBool::new(false),
+            write_through: AtomicBool::new(saved_write_through),
             mem: Mutex::new(None),
             counters: DeviceCounters::default(),
             last_error_log: Mutex::new(None),
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self
             .mem
             .lock()
@@ -161,7 +175,7 @@ impl BlockDevice {
     /// into IOERR and is returned to be counted.
     fn write_through_flush(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         request: &Request,
     ) -> Option<sealvm_virtio_blk::RequestError> {
         use sealvm_virtio_blk::{request::status, RequestError, RequestKind};
@@ -192,8 +206,8 @@ impl BlockDevice {
 }
 
 impl VhostUserBackend for BlockDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.num_queues
@@ -215,6 +229,7 @@ impl VhostUserBackend for BlockDevice {
             | Features::CONFIG_WCE
             | Features::DISCARD
             | Features::WRITE_ZEROES
+            | LOG_ALL_BIT
             | PROTOCOL_FEATURES_BIT;
         if self.num_queues > 1 {
             features |= Features::MQ;
@@ -225,8 +240,18 @@ impl VhostUserBackend for BlockDevice {
         features
     }
 
+    /// What qemu-storage-daemon's vhost-user-blk export offers, as far as
+    /// vhost-user-backend 0.24 lets a backend: CONFIG and MQ; REPLY_ACK (the vhost crate
+    /// answers `need_reply` messages); CONFIGURE_MEM_SLOTS (the handler adds and removes
+    /// regions one at a time; libblkio requires it); LOG_SHMFD (dirty logging through
+    /// [`GuestMemory`]'s bitmap, for live migration). Not INFLIGHT_SHMFD: the 0.24 handler
+    /// refuses GET_INFLIGHT_FD itself and gives a backend no way to serve it.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn acked_features(&self, features: u64) {
@@ -267,6 +292,7 @@ impl VhostUserBackend for BlockDevice {
             self.update_cache_mode(config.writeback);
             let write_through = self.write_through();
             tracing::info!(write_through, "the driver changed the cache mode");
+            self.volume.save_write_through(config.writeback == 0)?;
             if write_through {
                 // Writes acknowledged under write-back become durable now too.
                 self.volume.flush()?;
@@ -275,7 +301,7 @@ impl VhostUserBackend for BlockDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         *self.mem.lock().map_err(|_| io::Error::other("poisoned"))? = Some(mem);
         Ok(())
     }
@@ -293,7 +319,7 @@ impl VhostUserBackend for BlockDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

@@ -1,23 +1,24 @@
 //! Image access: a point in time served as a device without copying the volume. The view
-//! reads the base image and the journal records up to its sequence number; writes, when
-//! allowed, go to a throw-away in-memory overlay. Moving the view to another point in time
-//! touches only the records between the two points.
+//! reads the base image and the journal records up to its sequence number, through a
+//! [`Timeline`] that moves between points at a cost that follows the distance. Writes, when
+//! allowed, go to a throw-away overlay: an unnamed sparse file in the journal directory
+//! (memory per written extent, not per byte), emptied on retarget and gone on exit.
 //!
 //! A journal consumer: it opens the segments read-only and never touches the live device,
 //! which may keep appending while the view is served. It holds the journal's history for
 //! its whole life, so the server folds nothing away under it.
 
-use crate::journal::format::{RecordKind, HEADER_LEN};
-use crate::journal::{self, Cursor, HistoryHold, JournalError};
+use crate::journal::{self, Cursor, JournalError};
+use sealvm_journal::consumer::{ConsumerError, ReaderHold};
+use sealvm_journal::extent_map::{Change, Extent, ExtentMap, Source, Timeline, SECTOR};
+use sealvm_journal::format::{self, RecordKind};
+use sealvm_journal::reader::Reader;
 use sealvm_virtio_blk::{BlockBackend, RawFile};
-use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
-
-const SECTOR: u64 = 512;
 
 /// Errors opening or moving a view.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +26,7 @@ pub enum ImageAccessError {
     /// The base image could not be opened.
     #[error(transparent)]
     Base(#[from] sealvm_virtio_blk::backend::RawFileError),
-    /// The journal segment could not be opened.
+    /// A journal segment or the overlay could not be opened.
     #[error("cannot open the journal in {dir}")]
     Segment {
         /// The journal directory.
@@ -58,34 +59,20 @@ pub enum ImageAccessError {
     },
 }
 
-/// One write record: where its data is and which sectors it covers.
-#[derive(Clone, Copy)]
-struct WriteRecord {
-    seq: u64,
-    first_sector: u64,
-    sectors: u64,
-    data_offset: u64,
-}
-
 struct History {
-    /// Write records in sequence order.
-    writes: Vec<WriteRecord>,
-    /// Per sector, every version as (seq, where its data lies), in sequence order; where
-    /// is a segment ordinal << 32 | offset in the segment.
-    versions: HashMap<u64, Vec<(u64, u64)>>,
-    /// Where the next scan starts.
+    timeline: Timeline,
+    /// Where the next look at the journal starts.
     cursor: Option<Cursor>,
     scanned_seq: u64,
     /// First seq of each segment seen, by ordinal.
     segment_names: Vec<u64>,
 }
 
-struct View {
-    seq: u64,
-    /// Sector to where its data as of `seq` lies (ordinal << 32 | offset).
-    index: HashMap<u64, u64>,
-    /// Throw-away writes made to the view.
-    overlay: HashMap<u64, Vec<u8>>,
+/// Writes made to a writable view: which extents the overlay file holds (at the same
+/// offsets as in the volume).
+struct Overlay {
+    file: Option<File>,
+    written: ExtentMap,
 }
 
 /// What moving a view did.
@@ -93,7 +80,7 @@ struct View {
 pub struct Retargeted {
     /// The sequence number the view now shows.
     pub seq: u64,
-    /// Write records between the old and the new point (the work done).
+    /// Write and zero extent records between the old and the new point (the work done).
     pub records: u64,
 }
 
@@ -103,10 +90,11 @@ pub struct PointInTimeImage {
     /// Segment files by ordinal.
     segments: RwLock<Vec<File>>,
     dir: PathBuf,
-    base_seq: u64,
-    _hold: Option<HistoryHold>,
-    history: Mutex<History>,
-    view: RwLock<View>,
+    /// Where folding must stop: the lowest point the view shows. Moved before the view
+    /// moves back, after it moves forward.
+    hold: Mutex<ReaderHold>,
+    history: RwLock<History>,
+    overlay: Mutex<Overlay>,
     writable: bool,
 }
 
@@ -124,28 +112,34 @@ impl PointInTimeImage {
                 source: io::Error::from(io::ErrorKind::NotFound),
             });
         }
-        let hold = journal::hold_history(dir)?;
-        let base_seq = journal::read_state(dir)?.base_seq;
+        let hold = ReaderHold::take(dir, seq).map_err(consumer_error)?;
+        let state = journal::read_state(dir)?;
+        sealvm_journal::dir::check_base(dir, base, &state)?;
         let base = RawFile::open(&journal::effective_base(dir, base), true)?;
+        let overlay = if writable {
+            Some(overlay_file(dir, base.capacity_bytes()).map_err(|source| {
+                ImageAccessError::Segment {
+                    dir: dir.to_path_buf(),
+                    source,
+                }
+            })?)
+        } else {
+            None
+        };
         let image = PointInTimeImage {
             base,
             segments: RwLock::new(Vec::new()),
             dir: dir.to_path_buf(),
-            base_seq,
-            _hold: hold,
-            history: Mutex::new(History {
-                writes: Vec::new(),
-                versions: HashMap::new(),
+            hold: Mutex::new(hold),
+            history: RwLock::new(History {
+                timeline: Timeline::new(),
                 cursor: None,
-                scanned_seq: base_seq,
+                scanned_seq: state.base_seq,
                 segment_names: Vec::new(),
             }),
-            // From seq 0, so the first retarget indexes every record up to the point,
-            // including those of a segment a crash left half folded.
-            view: RwLock::new(View {
-                seq: 0,
-                index: HashMap::new(),
-                overlay: HashMap::new(),
+            overlay: Mutex::new(Overlay {
+                file: overlay,
+                written: ExtentMap::new(),
             }),
             writable,
         };
@@ -155,7 +149,7 @@ impl PointInTimeImage {
 
     /// The sequence number the view shows.
     pub fn seq(&self) -> u64 {
-        self.view.read().map(|v| v.seq).unwrap_or(0)
+        self.history.read().map(|h| h.timeline.seq()).unwrap_or(0)
     }
 
     /// The journal directory.
@@ -163,17 +157,21 @@ impl PointInTimeImage {
         &self.dir
     }
 
+    /// Extents the overlay holds (writes to a writable view since the last retarget).
+    pub fn overlay_extents(&self) -> usize {
+        self.overlay.lock().map(|o| o.written.len()).unwrap_or(0)
+    }
+
     /// Moves the view to after record `seq`, dropping the overlay. Work is proportional to
-    /// the write records between the two points (plus any records appended to the journal
-    /// since the last look, read once).
+    /// the records between the two points (plus any records appended to the journal since
+    /// the last look, read once).
     pub fn retarget(&self, seq: u64) -> Result<Retargeted, ImageAccessError> {
-        if seq < self.base_seq {
-            return Err(ImageAccessError::FoldedAway {
-                asked: seq,
-                base_seq: self.base_seq,
-            });
+        let mut hold = self.hold.lock().map_err(|_| poisoned())?;
+        if seq < hold.seq() {
+            // Moving back: the hold goes first, refused if folding already passed `seq`.
+            hold.move_to(seq).map_err(consumer_error)?;
         }
-        let mut history = self.history.lock().map_err(|_| poisoned())?;
+        let mut history = self.history.write().map_err(|_| poisoned())?;
         if history.cursor.is_none() || seq > history.scanned_seq {
             self.read_new_records(&mut history)?;
         }
@@ -183,88 +181,119 @@ impl PointInTimeImage {
                 last: history.scanned_seq,
             });
         }
-        let mut view = self.view.write().map_err(|_| poisoned())?;
-        let (low, high) = (view.seq.min(seq), view.seq.max(seq));
-        let start = history.writes.partition_point(|w| w.seq <= low);
-        let end = history.writes.partition_point(|w| w.seq <= high);
-        let between = &history.writes[start..end];
-        for record in between {
-            for sector in record.first_sector..record.first_sector + record.sectors {
-                // The newest version of this sector at or before `seq`.
-                match newest_at(&history.versions, sector, seq) {
-                    Some(offset) => view.index.insert(sector, offset),
-                    None => view.index.remove(&sector),
-                };
+        let records = history.timeline.seek(seq) as u64;
+        if seq > hold.seq() {
+            // Moving forward: what lies before `seq` is no longer looked at.
+            hold.move_to(seq).map_err(consumer_error)?;
+        }
+        let mut overlay = self.overlay.lock().map_err(|_| poisoned())?;
+        if !overlay.written.is_empty() {
+            overlay.written = ExtentMap::new();
+            if let Some(file) = &overlay.file {
+                // Emptying the file frees its blocks; setting the length back keeps it sparse.
+                let len = self.base.capacity_bytes();
+                file.set_len(0)
+                    .and_then(|()| file.set_len(len))
+                    .map_err(|source| ImageAccessError::Segment {
+                        dir: self.dir.clone(),
+                        source,
+                    })?;
             }
         }
-        view.seq = seq;
-        view.overlay.clear();
-        Ok(Retargeted {
-            seq,
-            records: between.len() as u64,
-        })
+        Ok(Retargeted { seq, records })
     }
 
     fn read_new_records(&self, history: &mut History) -> Result<(), ImageAccessError> {
-        let History {
-            writes,
-            versions,
-            segment_names,
-            cursor,
-            ..
-        } = history;
+        let mut reader = match history.cursor {
+            Some(cursor) => Reader::at(&self.dir, cursor)?,
+            None => Reader::open(&self.dir)?,
+        };
         let mut new_segments = Vec::new();
-        let mut failure = None;
-        let summary = journal::scan_from(&self.dir, *cursor, |header, at, _| {
-            if segment_names.last() != Some(&at.segment) {
-                match File::open(journal::segment_path(&self.dir, at.segment)) {
-                    Ok(file) => new_segments.push(file),
-                    Err(e) => {
-                        failure = Some(e);
-                        return false;
-                    }
-                }
-                segment_names.push(at.segment);
+        while let Some((header, at)) = reader.next_record()? {
+            if history.segment_names.last() != Some(&at.segment) {
+                let path = journal::segment_path(&self.dir, at.segment);
+                let file = File::open(&path).map_err(|source| ImageAccessError::Segment {
+                    dir: self.dir.clone(),
+                    source,
+                })?;
+                new_segments.push(file);
+                history.segment_names.push(at.segment);
             }
-            let ordinal = (segment_names.len() - 1) as u64;
-            if header.kind == RecordKind::Write {
-                let record = WriteRecord {
-                    seq: header.seq,
-                    first_sector: header.offset / SECTOR,
-                    sectors: u64::from(header.len) / SECTOR,
-                    data_offset: (ordinal << 32) | (at.offset + HEADER_LEN as u64),
-                };
-                for i in 0..record.sectors {
-                    versions
-                        .entry(record.first_sector + i)
-                        .or_default()
-                        .push((record.seq, record.data_offset + i * SECTOR));
-                }
-                writes.push(record);
-            }
-            true
-        })?;
-        if let Some(source) = failure {
-            return Err(ImageAccessError::Segment {
-                dir: self.dir.clone(),
-                source,
+            let ordinal = (history.segment_names.len() - 1) as u32;
+            let (len, source) = match header.kind {
+                RecordKind::Write => (
+                    u64::from(header.len),
+                    Source::Data {
+                        segment: ordinal,
+                        offset: (at.offset + format::HEADER_LEN as u64) as u32,
+                    },
+                ),
+                RecordKind::ZeroExtent => (
+                    format::zero_extent_len(&header, reader.payload()).unwrap_or(0),
+                    Source::Zero { segment: ordinal },
+                ),
+                _ => continue,
+            };
+            history.timeline.push(Change {
+                seq: header.seq,
+                extent: Extent {
+                    start: header.offset / SECTOR,
+                    sectors: len / SECTOR,
+                    source,
+                },
             });
         }
         self.segments
             .write()
             .map_err(|_| poisoned())?
             .extend(new_segments);
-        *cursor = Some(summary.end);
-        history.scanned_seq = history.scanned_seq.max(summary.end.last_seq);
+        let cursor = reader.cursor();
+        history.cursor = Some(cursor);
+        history.scanned_seq = history.scanned_seq.max(cursor.last_seq);
         Ok(())
     }
 }
 
-/// Where `sector`'s newest version at or before `seq` lies.
-fn newest_at(versions: &HashMap<u64, Vec<(u64, u64)>>, sector: u64, seq: u64) -> Option<u64> {
-    let list = versions.get(&sector)?;
-    let newer = list.partition_point(|&(s, _)| s <= seq);
-    newer.checked_sub(1).map(|i| list[i].1)
+/// An unnamed sparse file of `len` bytes in `dir` for a writable view's overlay: it takes
+/// disk blocks only where the view is written, and disappears with the process.
+fn overlay_file(dir: &Path, len: u64) -> io::Result<File> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+    {
+        Ok(file) => file,
+        // File systems without O_TMPFILE: a named file, unlinked at once.
+        Err(_) => {
+            let path = dir.join(format!(".expose-overlay-{}", std::process::id()));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            file
+        }
+    };
+    file.set_len(len)?;
+    Ok(file)
+}
+
+fn consumer_error(e: ConsumerError) -> ImageAccessError {
+    match e {
+        ConsumerError::Journal(e) => ImageAccessError::Journal(e),
+        ConsumerError::FoldedAway { asked, base_seq } => {
+            ImageAccessError::FoldedAway { asked, base_seq }
+        }
+        other => ImageAccessError::Segment {
+            dir: PathBuf::from(sealvm_journal::consumer::CONSUMERS_DIR),
+            source: io::Error::other(other.to_string()),
+        },
+    }
 }
 
 fn poisoned() -> ImageAccessError {
@@ -281,8 +310,8 @@ impl BlockBackend for PointInTimeImage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.base.read_at(offset, buf)?;
-        let view = self
-            .view
+        let history = self
+            .history
             .read()
             .map_err(|_| io::Error::other("view lock poisoned"))?;
         let segments = self
@@ -290,35 +319,51 @@ impl BlockBackend for PointInTimeImage {
             .read()
             .map_err(|_| io::Error::other("segment list lock poisoned"))?;
         let first = offset / SECTOR;
-        for (i, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
-            let n = first + i as u64;
-            if let Some(data) = view.overlay.get(&n) {
-                sector.copy_from_slice(data);
-            } else if let Some(&at) = view.index.get(&n) {
-                let segment = segments
-                    .get((at >> 32) as usize)
-                    .ok_or_else(|| io::Error::other("index names an unknown segment"))?;
-                segment.read_exact_at(sector, at & 0xffff_ffff)?;
+        let sectors = buf.len() as u64 / SECTOR;
+        for extent in history.timeline.map().overlapping(first, sectors) {
+            let from = ((extent.start - first) * SECTOR) as usize;
+            let part = &mut buf[from..from + (extent.sectors * SECTOR) as usize];
+            match extent.source {
+                Source::Zero { .. } => part.fill(0),
+                Source::Data { segment, offset } => segments
+                    .get(segment as usize)
+                    .ok_or_else(|| io::Error::other("the view names an unknown segment"))?
+                    .read_exact_at(part, u64::from(offset))?,
+            }
+        }
+        let overlay = self
+            .overlay
+            .lock()
+            .map_err(|_| io::Error::other("overlay lock poisoned"))?;
+        if let Some(file) = &overlay.file {
+            for extent in overlay.written.overlapping(first, sectors) {
+                let from = ((extent.start - first) * SECTOR) as usize;
+                let part = &mut buf[from..from + (extent.sectors * SECTOR) as usize];
+                file.read_exact_at(part, extent.start * SECTOR)?;
             }
         }
         Ok(())
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        if !self.writable {
+        let mut overlay = self
+            .overlay
+            .lock()
+            .map_err(|_| io::Error::other("overlay lock poisoned"))?;
+        let Some(file) = overlay.file.as_ref().filter(|_| self.writable) else {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "the view is read-only",
             ));
-        }
-        let mut view = self
-            .view
-            .write()
-            .map_err(|_| io::Error::other("view lock poisoned"))?;
-        let first = offset / SECTOR;
-        for (i, sector) in buf.chunks(SECTOR as usize).enumerate() {
-            view.overlay.insert(first + i as u64, sector.to_vec());
-        }
+        };
+        file.write_all_at(buf, offset)?;
+        // The overlay file holds the data at the volume's own offsets; the map only says
+        // which extents it holds.
+        overlay.written.insert(
+            offset / SECTOR,
+            buf.len() as u64 / SECTOR,
+            Source::Zero { segment: 0 },
+        );
         Ok(())
     }
 
@@ -410,6 +455,51 @@ mod tests {
         assert_eq!(
             &buf[512..],
             &[0; 512][..],
+            "the overlay survived a retarget"
+        );
+    }
+
+    #[test]
+    fn a_writable_views_overlay_lives_in_an_unnamed_file_not_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![3u8; 8 << 20]).unwrap();
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
+        volume.write_at(0, &[5; 4096]).unwrap();
+        let files_before = std::fs::read_dir(&journal).unwrap().count();
+        let image = PointInTimeImage::open(&base, &journal, 1, true).unwrap();
+        // 4 MiB of writes in 1 MiB requests: four extents of bookkeeping, whatever the bytes.
+        for i in 0..4u64 {
+            image
+                .write_at(i << 20, &vec![i as u8 + 10; 1 << 20])
+                .unwrap();
+        }
+        assert_eq!(image.overlay_extents(), 4);
+        let mut buf = vec![0u8; 8192];
+        image.read_at((2 << 20) - 4096, &mut buf).unwrap();
+        assert_eq!(&buf[..4096], &[11; 4096][..]);
+        assert_eq!(&buf[4096..], &[12; 4096][..]);
+        image.read_at(5 << 20, &mut buf).unwrap();
+        assert_eq!(buf, vec![3u8; 8192], "unwritten sectors of the view");
+        let names = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // New: the consumers directory (the view's hold) and fold.lock, no overlay file.
+        let now = names(&journal);
+        assert_eq!(now.len(), files_before + 2, "{now:?}");
+        assert!(now.iter().all(|n| !n.contains("overlay")), "{now:?}");
+        image.retarget(1).unwrap();
+        assert_eq!(image.overlay_extents(), 0);
+        image.read_at(0, &mut buf).unwrap();
+        assert_eq!(
+            &buf[..4096],
+            &[5; 4096][..],
             "the overlay survived a retarget"
         );
     }

@@ -14,4 +14,5 @@ pub mod image_access;
 pub mod journal;
 pub mod loadgen;
 pub mod pit;
+pub mod shutdown;
 pub mod volume;

@@ -45,11 +45,13 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Serve {
         /// NAME=PATH[,journal=DIR][,readonly][,write-through][,retain=AGE][,retain-bytes=SIZE]
-        /// [,segment-size=SIZE]: the raw image to serve. With a journal every write is
+        /// [,consumer-budget=SIZE][,segment-size=SIZE]: the raw image to serve. With a journal every write is
         /// journaled and PATH is never written; retain= (30m, 24h, 7d) and retain-bytes=
         /// (512M, 10G) bound how far back points in time reach (default: no limit), and
         /// history older than that is folded away a segment (segment-size=, default 64M) at
-        /// a time.
+        /// a time. Named consumers (replication, backups) hold history they have not
+        /// consumed until the journal passes consumer-budget=; then they are marked for
+        /// resync.
         /// Also: socket=PATH (instead of a --socket) and queues=N.
         #[arg(long, required_unless_present = "config")]
         volume: Vec<String>,
@@ -88,6 +90,26 @@ enum Command {
     Pit {
         #[command(subcommand)]
         command: PitCommand,
+    },
+    /// The journal itself: convert its format.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Convert a format-version-1 journal to version 2 (needed to serve it; `pit` reads
+    /// both). Crash-safe, one segment at a time; run it again to finish an interrupted
+    /// upgrade. The volume must not be served meanwhile.
+    Upgrade {
+        /// The base image the journal started from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The journal directory.
+        #[arg(long)]
+        journal: PathBuf,
     },
 }
 
@@ -199,6 +221,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             require_application_consistent,
             &name,
         ),
+        Command::Journal {
+            command: JournalCommand::Upgrade { base, journal },
+        } => {
+            let report = sealvm_journal::upgrade::upgrade(&journal, &base)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Pit { command } => match command {
             PitCommand::List { journal, json } => pit_list(&journal, json),
             PitCommand::Expose {
@@ -305,6 +334,11 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
             image: None,
         });
     }
+    // SIGTERM/SIGINT: stop taking records, fdatasync every journal, exit 0.
+    sealvm_blk::shutdown::stop_on_signals(
+        served.iter().filter_map(|v| v.journal.clone()).collect(),
+    )
+    .context("cannot install the signal handlers")?;
     if let Some(api_socket) = &config.api_socket {
         api::spawn(api_socket, served.clone())
             .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
@@ -438,10 +472,28 @@ fn pit_list(journal_dir: &std::path::Path, as_json: bool) -> anyhow::Result<()> 
         "points in time: seq {}..{} ({} records, {span:.3} s of history, {} bytes in {} segments)",
         points.oldest_seq, points.last_seq, points.records, points.journal_bytes, points.segments,
     );
+    if points.format_version < sealvm_journal::format::VERSION {
+        println!(
+            "journal format version {}: readable; serve it after `sealvm-blk journal upgrade`",
+            points.format_version
+        );
+    }
     if points.folded_through_seq > 0 {
         println!(
             "history up to seq {} is folded into the base (retention)",
             points.folded_through_seq
+        );
+    }
+    for c in &points.consumers {
+        println!(
+            "consumer {:<23} seq {:>10}  {}",
+            c.name,
+            c.seq,
+            if c.resync {
+                "needs resync: the journal passed its consumer budget"
+            } else {
+                "holds history after its seq"
+            }
         );
     }
     for b in points.bookmarks {

@@ -1,10 +1,14 @@
 //! Points in time: naming one (`--at`), and materializing a volume as it was at one from its
 //! base image and journal. A consumer of the journal only: it never touches a running
-//! device.
+//! device. Version-1 journals are read too (read-only: serving one needs
+//! `sealvm-blk journal upgrade`).
 
-use crate::journal::format::RecordKind;
-use crate::journal::{self, JournalError};
-use std::fs::OpenOptions;
+use crate::journal::{self, Bookmark, JournalError};
+use sealvm_journal::consumer::{self, Consumer, ConsumerError, ReaderHold};
+use sealvm_journal::extent_map::{ExtentMap, Source, SECTOR};
+use sealvm_journal::format::{self, RecordKind};
+use sealvm_journal::reader::Reader;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -25,9 +29,16 @@ pub enum PointInTime {
 impl std::str::FromStr for PointInTime {
     type Err = PitError;
 
-    /// `latest`, a sequence number (`1234`), a Unix time (`@1732500000.25`), or a bookmark
-    /// name.
+    /// `latest`, a sequence number (`1234`), a Unix time (`@1732500000.25`),
+    /// `bookmark:NAME`, or a bare bookmark name (bookmarks cannot be named like the others,
+    /// see [`journal::bookmark::check_name`]).
     fn from_str(text: &str) -> Result<Self, PitError> {
+        if let Some(name) = text.strip_prefix(journal::bookmark::PREFIX) {
+            if name.is_empty() {
+                return Err(PitError::BadPoint(text.into()));
+            }
+            return Ok(PointInTime::Bookmark(name.into()));
+        }
         if text == "latest" {
             return Ok(PointInTime::Latest);
         }
@@ -55,11 +66,22 @@ pub enum PitError {
     #[error("{0} is not a journal directory")]
     NotAJournal(PathBuf),
     /// `--at` could not be understood.
-    #[error("{0:?} is not a point in time (use latest, a sequence number, @UNIX_SECONDS or a bookmark name)")]
+    #[error("{0:?} is not a point in time (use latest, a sequence number, @UNIX_SECONDS, bookmark:NAME or a bookmark name)")]
     BadPoint(String),
     /// No bookmark has that name.
     #[error("the journal has no bookmark named {0:?}")]
     NoSuchBookmark(String),
+    /// Several bookmarks have that name (a journal written before names had to be unique).
+    #[error(
+        "the journal has {} bookmarks named {name:?} (seqs {seqs:?}); name the point by its \
+         sequence number instead", seqs.len()
+    )]
+    AmbiguousBookmark {
+        /// The name.
+        name: String,
+        /// The seqs of the bookmarks with that name.
+        seqs: Vec<u64>,
+    },
     /// The sequence number is beyond the journal.
     #[error("sequence number {asked} is beyond the journal's last record {last}")]
     BeyondJournal {
@@ -124,8 +146,13 @@ pub struct Points {
     pub journal_bytes: u64,
     /// Bytes of a torn last record (cut off when the volume is next served).
     pub torn_tail_bytes: u64,
+    /// The journal's format version (1: read-only until upgraded).
+    pub format_version: u16,
     /// Bookmarks within reach, oldest first.
-    pub bookmarks: Vec<journal::Bookmark>,
+    pub bookmarks: Vec<Bookmark>,
+    /// Named consumers (replication, backups): how far each has consumed, and whether
+    /// it was marked for resync because the journal passed its consumer budget.
+    pub consumers: Vec<Consumer>,
 }
 
 /// Reads how far back the journal in `journal_dir` reaches, holding its history meanwhile.
@@ -133,19 +160,16 @@ pub fn points(journal_dir: &Path) -> Result<Points, PitError> {
     if !journal_dir.is_dir() {
         return Err(PitError::NotAJournal(journal_dir.to_path_buf()));
     }
-    let _hold = journal::hold_history(journal_dir)?;
-    let base_seq = journal::read_state(journal_dir)?.base_seq;
+    let _hold = hold_oldest(journal_dir)?;
+    let state = journal::read_state(journal_dir)?;
+    let base_seq = state.base_seq;
     let mut bookmarks = Vec::new();
     let mut oldest_time_ns = None;
     let summary = journal::scan(journal_dir, |header, _, payload| {
         if header.seq > base_seq {
             oldest_time_ns.get_or_insert(header.time_ns);
             if header.kind == RecordKind::Bookmark {
-                bookmarks.push(journal::Bookmark {
-                    name: String::from_utf8_lossy(payload).into_owned(),
-                    seq: header.seq,
-                    time_ns: header.time_ns,
-                });
+                bookmarks.push(Bookmark::from_record(header, payload));
             }
         }
         true
@@ -161,14 +185,16 @@ pub fn points(journal_dir: &Path) -> Result<Points, PitError> {
         segments: journal::segments(journal_dir)?.len(),
         journal_bytes: summary.bytes,
         torn_tail_bytes: summary.dropped_len,
+        format_version: state.version,
         bookmarks,
+        consumers: consumer::list(journal_dir).map_err(consumer_error)?,
     })
 }
 
 /// Resolves `point` to the last sequence number it includes. A point older than the folded
 /// history is [`PitError::FoldedAway`].
 pub fn resolve(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError> {
-    let _hold = journal::hold_history(journal_dir)?;
+    let _hold = hold_oldest(journal_dir)?;
     let base_seq = journal::read_state(journal_dir)?.base_seq;
     let seq = resolve_in(journal_dir, point)?;
     if seq < base_seq {
@@ -181,17 +207,17 @@ pub fn resolve(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError>
 }
 
 fn resolve_in(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError> {
-    let mut found = None;
+    let mut found = Vec::new();
     let summary = journal::scan(journal_dir, |header, _, payload| match point {
         PointInTime::Bookmark(name) => {
             if header.kind == RecordKind::Bookmark && payload == name.as_bytes() {
-                found = Some(header.seq);
+                found.push(header.seq);
             }
             true
         }
         PointInTime::Time(t) => {
             if header.time_ns <= *t {
-                found = Some(header.seq);
+                found = vec![header.seq];
                 true
             } else {
                 false
@@ -208,14 +234,58 @@ fn resolve_in(journal_dir: &Path, point: &PointInTime) -> Result<u64, PitError> 
             last: last_seq,
         }),
         PointInTime::Seq(seq) => Ok(*seq),
-        PointInTime::Bookmark(name) => found.ok_or_else(|| PitError::NoSuchBookmark(name.clone())),
-        PointInTime::Time(_) => Ok(found.unwrap_or(0)),
+        PointInTime::Bookmark(name) => match found[..] {
+            [] => Err(PitError::NoSuchBookmark(name.clone())),
+            [seq] => Ok(seq),
+            _ => Err(PitError::AmbiguousBookmark {
+                name: name.clone(),
+                seqs: found,
+            }),
+        },
+        PointInTime::Time(_) => Ok(found.first().copied().unwrap_or(0)),
     }
 }
 
+/// The map of a volume at `seq`: for each extent, its newest data at or before `seq`;
+/// sources name segments by their index in the returned list of segment files.
+pub fn map_at(journal_dir: &Path, seq: u64) -> Result<(ExtentMap, Vec<File>), PitError> {
+    let mut map = ExtentMap::new();
+    let mut files: Vec<File> = Vec::new();
+    let mut names: Vec<u64> = Vec::new();
+    let mut reader = Reader::open(journal_dir)?;
+    while let Some((header, at)) = reader.next_record()? {
+        if header.seq > seq {
+            break;
+        }
+        if names.last() != Some(&at.segment) {
+            let path = journal::segment_path(journal_dir, at.segment);
+            files.push(File::open(&path).map_err(|source| JournalError::Io { path, source })?);
+            names.push(at.segment);
+        }
+        let ordinal = (names.len() - 1) as u32;
+        let (len, source) = match header.kind {
+            RecordKind::Write => (
+                u64::from(header.len),
+                Source::Data {
+                    segment: ordinal,
+                    offset: (at.offset + format::HEADER_LEN as u64) as u32,
+                },
+            ),
+            RecordKind::ZeroExtent => (
+                format::zero_extent_len(&header, reader.payload()).unwrap_or(0),
+                Source::Zero { segment: ordinal },
+            ),
+            _ => continue,
+        };
+        map.insert(header.offset / SECTOR, len / SECTOR, source);
+    }
+    Ok((map, files))
+}
+
 /// Writes the volume as it was after record `seq` to `to`: a copy of the base (the folded
-/// base once history has been folded) with every journaled write up to `seq` applied. The file appears only when complete (written to a
-/// temporary name, fdatasync'ed, renamed). `progress` is called with (records applied, of).
+/// base once history has been folded) with the newest data of every extent at `seq`
+/// written over it, each sector once. The file appears only when complete (written to a
+/// temporary name, fdatasync'ed, renamed). `progress` is called with (extents written, of).
 pub fn restore(
     base: &Path,
     journal_dir: &Path,
@@ -231,14 +301,9 @@ pub fn restore(
         path: base.to_path_buf(),
         source,
     })?;
-    let _hold = journal::hold_history(journal_dir)?;
-    let base_seq = journal::read_state(journal_dir)?.base_seq;
-    if seq < base_seq {
-        return Err(PitError::FoldedAway {
-            asked: seq,
-            base_seq,
-        });
-    }
+    let _hold = hold(journal_dir, seq)?;
+    let state = journal::read_state(journal_dir)?;
+    sealvm_journal::dir::check_base(journal_dir, base, &state)?;
     let base = journal::effective_base(journal_dir, base);
     let partial = to.with_extension("partial");
     let result = restore_into(&base, journal_dir, seq, &partial, &mut progress);
@@ -247,24 +312,54 @@ pub fn restore(
         let _ = std::fs::remove_file(&partial);
     }
     result.map_err(|e| match e {
-        RestoreFailure::Journal(e) => PitError::Journal(e),
+        RestoreFailure::Pit(e) => e,
         RestoreFailure::Write(source) => write_err(source),
     })?;
     std::fs::rename(&partial, to).map_err(write_err)?;
-    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(dir) = std::fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
+    let dir = sealvm_os::durable::parent_dir(to);
+    sealvm_os::durable::sync_dir(&dir).map_err(write_err)?;
     Ok(())
 }
 
+/// A reader's hold at `seq` on the journal in `journal_dir`: folding does not pass it while
+/// it lives. A journal directory that does not exist needs none.
+pub fn hold(journal_dir: &Path, seq: u64) -> Result<Option<ReaderHold>, PitError> {
+    if !journal_dir.is_dir() {
+        return Ok(None);
+    }
+    ReaderHold::take(journal_dir, seq)
+        .map(Some)
+        .map_err(consumer_error)
+}
+
+/// A reader's hold on the whole history still in reach of the journal in `journal_dir`.
+fn hold_oldest(journal_dir: &Path) -> Result<Option<ReaderHold>, PitError> {
+    if !journal_dir.is_dir() {
+        return Ok(None);
+    }
+    ReaderHold::take_oldest(journal_dir)
+        .map(Some)
+        .map_err(consumer_error)
+}
+
+/// A consumer error as a point-in-time error.
+fn consumer_error(e: ConsumerError) -> PitError {
+    match e {
+        ConsumerError::Journal(e) => PitError::Journal(e),
+        ConsumerError::FoldedAway { asked, base_seq } => PitError::FoldedAway { asked, base_seq },
+        other => PitError::Journal(JournalError::BadState {
+            path: PathBuf::from(consumer::CONSUMERS_DIR),
+            reason: other.to_string(),
+        }),
+    }
+}
+
 enum RestoreFailure {
-    Journal(JournalError),
+    Pit(PitError),
     Write(io::Error),
 }
 
-/// Copies `base` to `partial` and applies the journal up to `seq`, fdatasync'ed.
+/// Copies `base` to `partial` and writes the map at `seq` over it, fdatasync'ed.
 fn restore_into(
     base: &Path,
     journal_dir: &Path,
@@ -272,37 +367,38 @@ fn restore_into(
     partial: &Path,
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<(), RestoreFailure> {
+    let (map, files) = map_at(journal_dir, seq).map_err(RestoreFailure::Pit)?;
     std::fs::copy(base, partial).map_err(RestoreFailure::Write)?;
     let target = OpenOptions::new()
         .write(true)
         .open(partial)
         .map_err(RestoreFailure::Write)?;
-    let first = journal::segments(journal_dir)
-        .map_err(RestoreFailure::Journal)?
-        .first()
-        .map_or(1, |&(first, _)| first);
-    let total = (seq + 1).saturating_sub(first);
-    let mut failure = None;
-    let mut applied = 0;
-    journal::scan(journal_dir, |header, _, payload| {
-        if header.seq > seq {
-            return false;
-        }
-        if header.kind == RecordKind::Write {
-            if let Err(e) = target.write_all_at(payload, header.offset) {
-                failure = Some(e);
-                return false;
+    let total = map.len() as u64;
+    let mut buf = Vec::new();
+    for (done, extent) in map.iter().enumerate() {
+        let at = extent.start * SECTOR;
+        // Extents are written in pieces of at most 1 MiB, so a zero extent of the whole
+        // device needs no more memory than a small one.
+        let mut written = 0;
+        let len = extent.sectors * SECTOR;
+        while written < len {
+            let n = (len - written).min(1 << 20);
+            buf.resize(n as usize, 0);
+            match extent.source {
+                Source::Zero { .. } => buf.fill(0),
+                Source::Data { segment, offset } => files[segment as usize]
+                    .read_exact_at(&mut buf, u64::from(offset) + written)
+                    .map_err(RestoreFailure::Write)?,
             }
+            target
+                .write_all_at(&buf, at + written)
+                .map_err(RestoreFailure::Write)?;
+            written += n;
         }
-        applied += 1;
-        if applied % 1024 == 0 || applied == total {
-            progress(applied, total);
+        let done = done as u64 + 1;
+        if done % 1024 == 0 || done == total {
+            progress(done, total);
         }
-        true
-    })
-    .map_err(RestoreFailure::Journal)?;
-    if let Some(e) = failure {
-        return Err(RestoreFailure::Write(e));
     }
     target.sync_all().map_err(RestoreFailure::Write)
 }
@@ -328,6 +424,11 @@ mod tests {
             "before".parse::<PointInTime>().unwrap(),
             PointInTime::Bookmark("before".into())
         );
+        assert_eq!(
+            "bookmark:42".parse::<PointInTime>().unwrap(),
+            PointInTime::Bookmark("42".into())
+        );
+        assert!("bookmark:".parse::<PointInTime>().is_err());
         assert!("@x".parse::<PointInTime>().is_err());
         assert!("@-1".parse::<PointInTime>().is_err());
     }
@@ -394,12 +495,12 @@ mod tests {
         }
         let segment = journal::segment_path(&journal, 1);
         let mut bytes = std::fs::read(&segment).unwrap();
-        bytes[100] ^= 1; // inside the first record's payload
+        bytes[64 + 100] ^= 1; // inside the first record's payload (after the segment header)
         std::fs::write(&segment, &bytes).unwrap();
         let corrupt = |e: &PitError| {
             matches!(
                 e,
-                PitError::Journal(JournalError::Corrupt { offset: 0, .. })
+                PitError::Journal(JournalError::Corrupt { offset: 64, .. })
             )
         };
         let err = resolve(&journal, &PointInTime::Latest).unwrap_err();
@@ -411,6 +512,6 @@ mod tests {
         let err = crate::image_access::PointInTimeImage::open(&base, &journal, 1, false)
             .err()
             .expect("expose of a damaged journal opened");
-        assert!(err.to_string().contains("damaged at byte 0"), "{err}");
+        assert!(err.to_string().contains("damaged at byte 64"), "{err}");
     }
 }

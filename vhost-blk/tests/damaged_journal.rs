@@ -37,7 +37,7 @@ fn serve_and_pit_refuse_a_journal_damaged_in_the_middle() {
     let (base, journal) = journal_with_three_writes(dir.path());
     let segment = journal::segment_path(Path::new(&journal), 1);
     let mut bytes = std::fs::read(&segment).unwrap();
-    let second = format::record_len(512) as usize;
+    let second = format::SEGMENT_HEADER_LEN + format::record_len(512) as usize;
     bytes[second + format::HEADER_LEN + 7] ^= 0x40;
     std::fs::write(&segment, &bytes).unwrap();
     let expected = format!("{} is damaged at byte {second}", segment.display());
@@ -119,6 +119,6 @@ fn serve_cuts_a_torn_last_record_and_serves() {
     let _ = child.wait();
     assert_eq!(
         std::fs::metadata(&segment).unwrap().len(),
-        2 * format::record_len(512)
+        format::SEGMENT_HEADER_LEN as u64 + 2 * format::record_len(512)
     );
 }

@@ -66,3 +66,37 @@ fn writes_are_durable_before_their_ack_once_the_driver_turns_the_cache_off() {
     assert_eq!(moved(&before, &daemon.counters(), "/journal-syncs"), 1);
     assert_eq!(driver.read(64, 512).unwrap(), vec![2; 512]);
 }
+
+#[test]
+fn write_through_survives_a_restart_of_sealvm_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = journaled(dir.path());
+    let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
+    assert!(!driver.set_writeback(false).unwrap());
+    drop(driver);
+    // sealvm-blk restarts; the frontend reconnects and, like QEMU, does not write the
+    // configuration again, so its guest still expects every write to be durable.
+    drop(daemon);
+    let daemon = journaled_again(dir.path());
+    let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
+    for i in 0..3 {
+        let before = daemon.counters();
+        driver.write(i * 8, &[5; 4096]).unwrap();
+        let after = daemon.counters();
+        assert_eq!(
+            moved(&before, &after, "/journal-syncs"),
+            1,
+            "a write was acknowledged without fdatasync after the restart: {after}"
+        );
+    }
+}
+
+/// Serves the volume `journaled` made, without recreating its image.
+fn journaled_again(dir: &std::path::Path) -> Daemon {
+    let spec = format!(
+        "vol={},journal={}",
+        dir.join("vol.raw").display(),
+        dir.join("vol.journal").display()
+    );
+    Daemon::serve(dir, "vol", &spec)
+}

@@ -32,6 +32,17 @@ pub trait BlockBackend: Send + Sync {
     }
     /// The id returned for `VIRTIO_BLK_T_GET_ID` (up to 20 bytes).
     fn device_id(&self) -> &[u8];
+    /// The cache mode the driver chose last (true: write-through), if the backend keeps it
+    /// across restarts of the process; a frontend that reconnects does not say it again.
+    fn saved_write_through(&self) -> Option<bool> {
+        None
+    }
+    /// Keeps the driver's cache mode for [`BlockBackend::saved_write_through`]; by default
+    /// it is not kept.
+    fn save_write_through(&self, write_through: bool) -> io::Result<()> {
+        let _ = write_through;
+        Ok(())
+    }
 }
 
 /// Zeroes `len` bytes at `offset` by writing zero-filled buffers of up to 1 MiB: the way

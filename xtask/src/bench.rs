@@ -19,17 +19,38 @@ pub struct Row {
     pub lower_is_better: bool,
 }
 
-/// Builds the images, runs every benchmark and prints the table.
-pub fn run(workspace: &Workspace) -> Result<()> {
+/// Builds the images, runs every benchmark (or the group `only` names) and prints the
+/// table.
+pub fn run(workspace: &Workspace, only: Option<&str>) -> Result<()> {
+    let groups = ["boot", "agent", "vmm", "blk", "journal", "bundle"];
+    if let Some(group) = only {
+        anyhow::ensure!(
+            groups.contains(&group),
+            "no benchmark group {group:?} (one of {groups:?})"
+        );
+    }
+    let runs = |group: &str| only.is_none_or(|only| only == group);
     let built = images::build_all(workspace)?;
     // Each benchmark measures sealvm beside its peer in the same run.
-    let mut rows = vec![
-        linux_guest_boot(&built)?,
-        crate::bench_agent::freeze_window(&built)?,
-    ];
-    rows.extend(crate::bench_vmm::rows(workspace, &built)?);
-    rows.extend(crate::bench_blk::run(workspace)?);
-    rows.extend(crate::bench_bundle::rows(workspace)?);
+    let mut rows = Vec::new();
+    if runs("boot") {
+        rows.push(linux_guest_boot(&built)?);
+    }
+    if runs("agent") {
+        rows.push(crate::bench_agent::freeze_window(&built)?);
+    }
+    if runs("vmm") {
+        rows.extend(crate::bench_vmm::rows(workspace, &built)?);
+    }
+    if runs("blk") {
+        rows.extend(crate::bench_blk::run(workspace)?);
+    }
+    if runs("journal") {
+        rows.extend(crate::bench_journal::rows(workspace)?);
+    }
+    if runs("bundle") {
+        rows.extend(crate::bench_bundle::rows(workspace)?);
+    }
     print_table(&rows);
     Ok(())
 }

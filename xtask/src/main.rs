@@ -4,6 +4,7 @@ mod bench;
 mod bench_agent;
 mod bench_blk;
 mod bench_bundle;
+mod bench_journal;
 mod bench_vmm;
 mod cpio;
 mod demo;
@@ -37,7 +38,11 @@ enum Task {
     /// Everything CI runs: setup, images, rustfmt, clippy and every test.
     Test,
     /// Run the benchmarks and print one table, sealvm beside its peers.
-    Bench,
+    Bench {
+        /// Run one group only: boot, agent, vmm, blk, journal or bundle.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,6 @@ fn main() -> anyhow::Result<()> {
         Task::Images => images::build_all(&workspace).map(|_| ()),
         Task::Demo => demo::run(&workspace),
         Task::Test => test::run(&workspace),
-        Task::Bench => bench::run(&workspace),
+        Task::Bench { only } => bench::run(&workspace, only.as_deref()),
     }
 }

@@ -1,6 +1,7 @@
-//! Fuzzes journal record decoding with arbitrary segment bytes.
+//! Fuzzes the journal's segment scanner (record decoding and the torn-versus-damaged
+//! decision) with arbitrary segment bytes; see sealvm_journal::fuzzing.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    sealvm_blk::journal::format::fuzz_decode(data);
+    let _ = sealvm_journal::fuzzing::scan_segment_bytes(data);
 });

@@ -3,16 +3,17 @@
 //!
 //! Folding works on whole closed segments, oldest first, in the background: it never holds
 //! the volume's lock while it copies data, only to swap a handle and drop index entries.
-//! The steps and why a crash between any two of them is safe are in vhost-blk/DESIGN.md
+//! The steps and why a crash between any two of them is safe are in journal/DESIGN.md
 //! ("Retention and folding"); [`FoldStep`] names the points a test can stop at.
 
 use super::{JournaledVolume, State};
-use crate::journal::format::RecordKind;
-use crate::journal::{self, FoldState, JournalError, Location};
+use sealvm_journal::consumer;
+use sealvm_journal::dir::{self as journal, JournalError};
+use sealvm_journal::format::{self, RecordKind};
+use sealvm_journal::reader::{Cursor, Reader};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -27,6 +28,11 @@ pub struct Retention {
     pub max_age_s: Option<u64>,
     /// Keep the journal at most this many bytes (the active segment is always kept).
     pub max_bytes: Option<u64>,
+    /// Named consumers (replication, backups) hold history they have not consumed until
+    /// the journal passes this many bytes; then the laggards are marked for resync.
+    /// `None`: consumers hold history without limit.
+    #[serde(default)]
+    pub consumer_budget: Option<u64>,
 }
 
 /// What a round of folding did.
@@ -41,6 +47,11 @@ pub struct FoldReport {
     pub base_seq: u64,
     /// Folding was due but a reader (restore, image access) holds the history.
     pub waiting_for_readers: bool,
+    /// Folding was due but a named consumer has not consumed the records yet (and the
+    /// journal is within the consumer budget).
+    pub waiting_for_consumers: bool,
+    /// Consumers marked for resync this round: the journal passed the consumer budget.
+    pub resync_marked: u64,
 }
 
 /// The steps of folding one segment, in order; a test stops after one to play a crash.
@@ -58,6 +69,8 @@ pub enum FoldStep {
 
 /// A segment chosen for folding, copied out of the state so the lock can be dropped.
 struct Candidate {
+    /// Already given up by the fold state (a crash left it half folded).
+    leftover: bool,
     ordinal: u32,
     first_seq: u64,
     last_seq: u64,
@@ -82,8 +95,9 @@ impl JournaledVolume {
         Ok(())
     }
 
-    /// Wakes the background folder before its next tick.
-    pub(super) fn wake_folder(&self) {
+    /// Wakes the background folder before its next tick (after a rotation, a retention
+    /// change, or a consumer that moved on).
+    pub fn wake_folder(&self) {
         let (flag, condvar) = &self.wake;
         if let Ok(mut woken) = flag.lock() {
             *woken = true;
@@ -100,6 +114,7 @@ impl JournaledVolume {
             .name("sealvm-blk-fold".into())
             .spawn(move || {
                 let mut blocked_logged = false;
+                let mut consumers_logged = false;
                 loop {
                     let Some(volume) = weak.upgrade() else { return };
                     match volume.fold_expired() {
@@ -117,7 +132,14 @@ impl JournaledVolume {
                                     "folding waits: a restore or an exposed image holds the history"
                                 );
                             }
+                            if report.waiting_for_consumers && !consumers_logged {
+                                tracing::info!(
+                                    "folding waits: a consumer has not consumed the oldest \
+                                     records (within its consumer budget)"
+                                );
+                            }
                             blocked_logged = report.waiting_for_readers;
+                            consumers_logged = report.waiting_for_consumers;
                         }
                         Err(e) => tracing::warn!(error = %e, "folding old history failed"),
                     }
@@ -154,6 +176,29 @@ impl JournaledVolume {
                     break;
                 }
             }
+            if !candidate.leftover {
+                let holds = consumer::holds(&self.dir).map_err(io::Error::other)?;
+                if !holds.allow(candidate.last_seq) {
+                    if holds.readers.is_some_and(|r| r < candidate.last_seq) {
+                        report.waiting_for_readers = true;
+                        break;
+                    }
+                    let (bytes, budget) = {
+                        let state = self.read_state()?;
+                        (
+                            state.writer.journal_bytes(),
+                            state.retention.consumer_budget,
+                        )
+                    };
+                    if budget.is_none_or(|budget| bytes <= budget) {
+                        report.waiting_for_consumers = true;
+                        break;
+                    }
+                    report.resync_marked += consumer::mark_laggards(&self.dir, candidate.last_seq)
+                        .map_err(io::Error::other)?
+                        .len() as u64;
+                }
+            }
             report.records += self.fold_segment(&candidate, None)?;
             report.segments += 1;
         }
@@ -168,9 +213,10 @@ impl JournaledVolume {
         let Some(max_age) = state.retention.max_age_s else {
             return Ok(());
         };
-        let active = state.active();
+        let active = state.writer.active();
         if !active.is_empty() && is_older(active.last_time_ns, max_age) {
-            self.rotate(&mut state)?;
+            state.writer.rotate()?;
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -178,20 +224,24 @@ impl JournaledVolume {
     /// The oldest closed segment, if it is due for folding.
     fn pick(&self) -> io::Result<Option<Candidate>> {
         let state = self.read_state()?;
-        if state.segments.len() < 2 {
+        let segments = state.writer.segments();
+        if segments.len() < 2 {
             return Ok(None);
         }
-        let oldest = &state.segments[0];
-        let leftover = oldest.last_seq <= state.base_seq;
+        let oldest = &segments[0];
+        let leftover = oldest.last_seq <= state.base_seq();
         let over_bytes = state
             .retention
             .max_bytes
-            .is_some_and(|max| state.journal_bytes() > max);
+            .is_some_and(|max| state.writer.journal_bytes() > max);
         let too_old = state
             .retention
             .max_age_s
             .is_some_and(|max_age| is_older(oldest.last_time_ns, max_age));
-        Ok((leftover || over_bytes || too_old).then(|| oldest_closed(&state)))
+        Ok((leftover || over_bytes || too_old).then(|| Candidate {
+            leftover,
+            ..oldest_closed(&state)
+        }))
     }
 
     /// Takes the history exclusively if no reader holds it.
@@ -202,16 +252,12 @@ impl JournaledVolume {
             .create(true)
             .truncate(false)
             .open(self.dir.join(journal::FOLD_LOCK_NAME))?;
-        // SAFETY: flock only reads the descriptor, which `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+        use sealvm_os::lock::{lock, LockError, LockMode, Wait};
+        match lock(&file, LockMode::Exclusive, Wait::NoWait) {
+            Ok(()) => Ok(Some(FoldLock { _file: file })),
+            Err(LockError::Held) => Ok(None),
+            Err(LockError::Io(e)) => Err(e),
         }
-        Ok(Some(FoldLock { _file: file }))
     }
 
     /// Folds one closed segment into the folded base and removes it; returns its record
@@ -224,77 +270,83 @@ impl JournaledVolume {
         }
         // Give up the segment's points in time first: from here on the folded base may hold
         // some of its writes, and only points after its last record are still exact.
-        if self.base_seq() < segment.last_seq {
-            journal::write_state(
-                &self.dir,
-                FoldState {
-                    base_seq: segment.last_seq,
-                },
-            )?;
+        {
             let mut state = self.write_state()?;
-            state.base_seq = segment.last_seq;
-            state.bookmarks.retain(|b| b.seq > segment.last_seq);
+            if state.base_seq() < segment.last_seq {
+                state
+                    .writer
+                    .update_state(|s| s.base_seq = segment.last_seq)?;
+                state.bookmarks.retain(|b| b.seq > segment.last_seq);
+            }
         }
         if stop(FoldStep::StateWritten) {
             return Ok(0);
         }
-        // Apply its writes in order; a second pass after a crash does the same again.
-        let mut writes = Vec::new();
-        journal::scan_from(
+        // Apply its writes and zero extents in order; a second pass after a crash does the
+        // same again.
+        let mut changes = Vec::new();
+        let mut reader = Reader::at(
             &self.dir,
-            Some(journal::Cursor {
-                at: Location {
-                    segment: segment.first_seq,
-                    offset: 0,
-                },
+            Cursor {
+                segment: segment.first_seq,
+                offset: 0,
                 last_seq: segment.first_seq - 1,
-            }),
-            |header, at, _| {
-                if at.segment != segment.first_seq {
-                    return false;
-                }
-                if header.kind == RecordKind::Write {
-                    writes.push((header.offset, header.len, at.offset));
-                }
-                true
             },
         )
         .map_err(journal_io)?;
+        while let Some((header, at)) = reader.next_record().map_err(journal_io)? {
+            if at.segment != segment.first_seq {
+                break;
+            }
+            match header.kind {
+                RecordKind::Write => changes.push((
+                    header.offset,
+                    u64::from(header.len),
+                    Some(at.offset + format::HEADER_LEN as u64),
+                )),
+                RecordKind::ZeroExtent => {
+                    let len = format::zero_extent_len(&header, reader.payload()).unwrap_or(0);
+                    changes.push((header.offset, len, None));
+                }
+                _ => {}
+            }
+        }
+        drop(reader);
         let file = File::open(&segment.path)?;
         let mut data = Vec::new();
-        let half = writes.len() / 2;
-        for (i, &(offset, len, at)) in writes.iter().enumerate() {
+        let half = changes.len() / 2;
+        for (i, &(offset, len, at)) in changes.iter().enumerate() {
             if i == half && stop(FoldStep::HalfApplied) {
                 return Ok(0);
             }
-            data.resize(len as usize, 0);
-            file.read_exact_at(&mut data, at + crate::journal::format::HEADER_LEN as u64)?;
-            folded.write_all_at(&data, offset)?;
+            match at {
+                Some(at) => {
+                    data.resize(len as usize, 0);
+                    file.read_exact_at(&mut data, at)?;
+                    folded.write_all_at(&data, offset)?;
+                }
+                None => zero_range(&folded, offset, len)?,
+            }
         }
-        folded.sync_data()?;
+        // sync_all: punched holes are metadata.
+        folded.sync_all()?;
         if stop(FoldStep::Applied) {
             return Ok(0);
         }
-        // Reads of these sectors now go to the folded base, unless a newer segment has them.
+        // Reads of these extents now go to the folded base, unless a newer segment has them:
+        // an extent in the index is the newest data of its range, so every extent that
+        // still names this segment is in the folded base now.
         {
             let mut state = self.write_state()?;
-            for &(offset, len, _) in &writes {
-                let first = offset / super::SECTOR;
-                for sector in first..first + u64::from(len) / super::SECTOR {
-                    if let Some(&entry) = state.index.get(&sector) {
-                        if super::unpack(entry).0 == segment.ordinal {
-                            state.index.remove(&sector);
-                        }
-                    }
-                }
-            }
-            if state.first_ordinal == segment.ordinal {
-                state.segments.pop_front();
-                state.first_ordinal += 1;
+            state
+                .index
+                .retain(|extent| extent.source.segment() != segment.ordinal);
+            if state.writer.first_ordinal() == segment.ordinal {
+                state.writer.pop_oldest();
             }
         }
         std::fs::remove_file(&segment.path)?;
-        journal::sync_dir(&self.dir)?;
+        sealvm_os::durable::sync_dir(&self.dir)?;
         self.counters
             .folded_segments
             .fetch_add(1, Ordering::Relaxed);
@@ -318,7 +370,7 @@ impl JournaledVolume {
         std::fs::copy(&self.image, &partial)?;
         File::open(&partial)?.sync_all()?;
         std::fs::rename(&partial, &path)?;
-        journal::sync_dir(&self.dir)?;
+        sealvm_os::durable::sync_dir(&self.dir)?;
         let folded = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
         let mut state: std::sync::RwLockWriteGuard<'_, State> = self.write_state()?;
         // Same bytes as the image, so reads may switch over at any moment.
@@ -334,7 +386,10 @@ impl JournaledVolume {
     fn fold_oldest_until(&self, step: FoldStep) -> io::Result<()> {
         let candidate = {
             let state = self.read_state()?;
-            assert!(state.segments.len() >= 2, "no closed segment to fold");
+            assert!(
+                state.writer.segments().len() >= 2,
+                "no closed segment to fold"
+            );
             oldest_closed(&state)
         };
         self.fold_segment(&candidate, Some(step)).map(drop)
@@ -343,9 +398,10 @@ impl JournaledVolume {
 
 /// The oldest segment, as a fold candidate (the caller checked it is closed).
 fn oldest_closed(state: &State) -> Candidate {
-    let oldest = &state.segments[0];
+    let oldest = &state.writer.segments()[0];
     Candidate {
-        ordinal: state.first_ordinal,
+        leftover: oldest.last_seq <= state.base_seq(),
+        ordinal: state.writer.first_ordinal(),
         first_seq: oldest.first_seq,
         last_seq: oldest.last_seq,
         path: oldest.path.clone(),
@@ -359,6 +415,35 @@ fn is_older(time_ns: u64, max_age_s: u64) -> bool {
 
 fn journal_io(e: JournalError) -> io::Error {
     io::Error::other(e)
+}
+
+/// Makes `len` bytes at `offset` of the folded base read as zeroes: a hole punched where
+/// the file system can, zeroes written where it cannot.
+fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate only reads the descriptor, which `file` keeps open, and the range.
+    let punched = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if punched == 0 {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let step = (len - done).min(zeroes.len() as u64);
+        file.write_all_at(&zeroes[..step as usize], offset + done)?;
+        done += step;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -527,6 +612,7 @@ mod tests {
             .set_retention(Retention {
                 max_age_s: None,
                 max_bytes: Some(8192),
+                consumer_budget: None,
             })
             .unwrap();
         let report = volume.fold_expired().unwrap();
@@ -585,6 +671,7 @@ mod tests {
             .set_retention(Retention {
                 max_age_s: Some(0),
                 max_bytes: None,
+                consumer_budget: None,
             })
             .unwrap();
         std::thread::sleep(Duration::from_millis(2));
@@ -646,6 +733,7 @@ mod tests {
             .set_retention(Retention {
                 max_age_s: None,
                 max_bytes: Some(4096),
+                consumer_budget: None,
             })
             .unwrap();
         let report = volume.fold_expired().unwrap();
@@ -673,6 +761,7 @@ mod tests {
             retention: Retention {
                 max_age_s: None,
                 max_bytes: Some(16384),
+                consumer_budget: None,
             },
             ..JournalOptions::default()
         };

@@ -1,30 +1,29 @@
 //! A journaled volume: a base image, which sealvm-blk never writes, plus the journal, which
-//! holds every write since. Reads see the newest journaled data for each sector and the
-//! base elsewhere, through an in-memory index built by replaying the journal on open. The
-//! journal is a row of segment files; old segments are folded into a copy of the base in
-//! the background when retention says so ([`fold`]). See vhost-blk/DESIGN.md for why this
-//! is crash-safe.
+//! holds every write since. Reads see the newest journaled data for each extent and the
+//! base elsewhere, through an in-memory [`ExtentMap`] built by replaying the journal on
+//! open. The journal (sealvm-journal) is a row of segment files; old segments are folded
+//! into a copy of the base in the background when retention says so ([`fold`]). See
+//! journal/DESIGN.md for why this is crash-safe.
 
 pub mod fold;
 
-use crate::journal::format::{self, RecordKind, HEADER_LEN};
-use crate::journal::{self, Bookmark, JournalError};
 pub use fold::{FoldReport, Retention};
+use sealvm_journal::bookmark::{self, Bookmark};
+use sealvm_journal::extent_map::{ExtentMap, Source, SECTOR};
+use sealvm_journal::format::RecordKind;
+use sealvm_journal::writer::{ReplayedRecord, Writer, WriterError};
+use sealvm_journal::{format, JournalError};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
-use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
-
-const SECTOR: u64 = 512;
 
 /// The default size at which the active segment is closed and a new one started.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
-/// The largest segment size accepted (index entries hold a 32-bit offset in a segment).
+/// The largest segment size accepted (extent map entries hold a 32-bit offset in a segment).
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 /// Errors opening a volume.
@@ -33,53 +32,28 @@ pub enum VolumeError {
     /// The base image could not be opened.
     #[error(transparent)]
     Base(#[from] sealvm_virtio_blk::backend::RawFileError),
-    /// The journal could not be opened, read or repaired.
-    #[error("cannot open the journal in {dir}")]
-    Journal {
-        /// The journal directory.
-        dir: PathBuf,
+    /// The journal could not be opened, checked, replayed or repaired.
+    #[error(transparent)]
+    Journal(#[from] WriterError),
+    /// The folded base could not be opened.
+    #[error("cannot open the folded base {path}")]
+    FoldedBase {
+        /// The folded base.
+        path: PathBuf,
         /// The cause.
         #[source]
         source: io::Error,
     },
-    /// Another process serves this journal.
-    #[error("journal {dir} is in use by another sealvm-blk")]
-    JournalLocked {
-        /// The journal directory.
-        dir: PathBuf,
-    },
-    /// The folded base does not match the volume's image.
-    #[error(
-        "the journal's folded base {path} is {found} bytes but the volume's image is {expected}; \
-         this journal belongs to another volume"
-    )]
-    FoldedBaseSize {
-        /// The folded base.
-        path: PathBuf,
-        /// Its size.
-        found: u64,
-        /// The image's size.
-        expected: u64,
-    },
-    /// The journal's first segment starts after the folded history ends.
-    #[error(
-        "journal {dir} has folded history up to seq {base_seq} but its first segment starts at \
-         seq {first}: records in between are missing"
-    )]
-    MissingRecords {
-        /// The journal directory.
-        dir: PathBuf,
-        /// The fold state's last folded seq.
-        base_seq: u64,
-        /// The first segment's first seq.
-        first: u64,
-    },
-    /// The segment size is out of range.
-    #[error("segment size {0} is out of range (4 KiB to 1 GiB)")]
-    SegmentSize(u64),
-    /// Replaying the journal failed.
-    #[error(transparent)]
-    Replay(#[from] JournalError),
+}
+
+impl VolumeError {
+    /// The journal error underneath, if that is what failed.
+    pub fn journal_error(&self) -> Option<&JournalError> {
+        match self {
+            VolumeError::Journal(WriterError::Journal(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// How a journaled volume is opened.
@@ -110,6 +84,8 @@ pub struct VolumeCounters {
     pub writes: AtomicU64,
     /// Bytes written by the guest.
     pub bytes_written: AtomicU64,
+    /// Zero extent records appended (write-zeroes and discards).
+    pub zero_extents: AtomicU64,
     /// Flushes (fdatasync of the journal).
     pub flushes: AtomicU64,
     /// fdatasyncs of the journal for any reason: flushes, write-through writes, bookmarks,
@@ -129,78 +105,25 @@ pub struct OldestPoint {
     pub time_ns: u64,
 }
 
-/// One segment file of the journal.
-struct Segment {
-    first_seq: u64,
-    /// The last record's seq, `first_seq - 1` while the segment is empty.
-    last_seq: u64,
-    first_time_ns: u64,
-    last_time_ns: u64,
-    /// Bytes of valid records: where the next record goes.
-    bytes: u64,
-    /// Where the segment stood after its last sync point: a flush with nothing new since
-    /// writes none.
-    synced_to: u64,
-    path: PathBuf,
-    file: Arc<File>,
-}
-
-impl Segment {
-    fn is_empty(&self) -> bool {
-        self.last_seq < self.first_seq
-    }
-}
-
-/// Everything the lock guards: the segments, the index and where the journal ends.
+/// Everything the lock guards: the writer, the index and the bookmarks.
 struct State {
     /// The image reads fall back to: the volume's image, or the folded base once history
     /// has been folded.
     base: Arc<File>,
     /// The folded base, opened for writing, once it exists.
     folded: Option<Arc<File>>,
-    /// Segments in order; the last one is the active segment records are appended to.
-    segments: VecDeque<Segment>,
-    /// The ordinal of `segments[0]`; index entries name segments by ordinal.
-    first_ordinal: u32,
-    /// Sequence number of the next record.
-    next_seq: u64,
-    /// Sector number to where its newest data lies: segment ordinal << 32 | offset.
-    index: HashMap<u64, u64>,
+    /// The journal's one writer: segments, sequence numbers, the journal state.
+    writer: Writer,
+    /// Where each written extent's newest data lies; sources name segments by ordinal.
+    index: ExtentMap,
     bookmarks: Vec<Bookmark>,
-    /// Everything up to here is folded (or being folded) into the folded base.
-    base_seq: u64,
     retention: Retention,
 }
 
 impl State {
-    fn active(&self) -> &Segment {
-        self.segments
-            .back()
-            .expect("a volume always has an active segment")
+    fn base_seq(&self) -> u64 {
+        self.writer.state().base_seq
     }
-
-    /// The ordinal of the active segment.
-    fn active_ordinal(&self) -> u32 {
-        self.first_ordinal + self.segments.len() as u32 - 1
-    }
-
-    fn segment_by_ordinal(&self, ordinal: u32) -> Option<&Segment> {
-        let i = ordinal.checked_sub(self.first_ordinal)?;
-        self.segments.get(i as usize)
-    }
-
-    fn journal_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.bytes).sum()
-    }
-}
-
-/// Packs a segment ordinal and an offset in it into one index entry.
-fn pack(ordinal: u32, offset: u64) -> u64 {
-    (u64::from(ordinal) << 32) | offset
-}
-
-fn unpack(entry: u64) -> (u32, u64) {
-    ((entry >> 32) as u32, entry & 0xffff_ffff)
 }
 
 /// A volume served from a base image and its journal.
@@ -209,15 +132,16 @@ pub struct JournaledVolume {
     image: PathBuf,
     dir: PathBuf,
     state: RwLock<State>,
+    /// Asked for on the command line: every write is made durable before it is
+    /// acknowledged, whatever the guest's cache mode.
     write_through: bool,
-    segment_bytes: u64,
     id: Vec<u8>,
     /// One fold at a time (the background folder and the API's fold command).
     folding: Mutex<()>,
     /// Wakes the background folder early (after a rotation or a retention change).
     wake: (Mutex<bool>, Condvar),
-    /// Held for the volume's life: one server per journal.
-    _serve_lock: File,
+    /// Set by [`JournaledVolume::stop`]: no record is appended any more.
+    stopped: AtomicBool,
     /// Counters for the API.
     pub counters: VolumeCounters,
 }
@@ -229,6 +153,24 @@ pub struct Opened {
     pub records: u64,
     /// Bytes after the last valid record that were cut off.
     pub dropped_bytes: u64,
+}
+
+/// Converts a sector count or offset that the request parser bounded by the capacity.
+fn sectors_of(bytes: u64) -> u64 {
+    bytes / SECTOR
+}
+
+/// The index entry a record makes, if it changes data.
+fn indexed(kind: RecordKind, ordinal: u32, payload_offset: u64) -> Option<Source> {
+    match kind {
+        // Segments are at most 1 GiB, so offsets fit in 32 bits.
+        RecordKind::Write => Some(Source::Data {
+            segment: ordinal,
+            offset: payload_offset as u32,
+        }),
+        RecordKind::ZeroExtent => Some(Source::Zero { segment: ordinal }),
+        _ => None,
+    }
 }
 
 impl JournaledVolume {
@@ -250,144 +192,52 @@ impl JournaledVolume {
     }
 
     /// Opens the base image (read-only; it is never written) and the journal in `dir`
-    /// (created if missing), replays the journal and cuts off a torn tail.
+    /// (created if missing), checks they belong together, replays the journal and cuts
+    /// off a torn tail.
     pub fn open_with(
         base: &Path,
         dir: &Path,
         options: JournalOptions,
     ) -> Result<(Self, Opened), VolumeError> {
-        if !(4096..=MAX_SEGMENT_BYTES).contains(&options.segment_bytes) {
-            return Err(VolumeError::SegmentSize(options.segment_bytes));
-        }
-        let journal_err = |source| VolumeError::Journal {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(journal_err)?;
-        let serve_lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join(journal::SERVE_LOCK_NAME))
-            .map_err(journal_err)?;
-        // SAFETY: flock only reads the descriptor, which `serve_lock` keeps open.
-        if unsafe { libc::flock(serve_lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(VolumeError::JournalLocked {
-                dir: dir.to_path_buf(),
-            });
-        }
         let image = RawFile::open(base, true)?;
         let capacity = image.capacity_bytes();
         drop(image);
-        let fold_state = journal::read_state(dir)?;
-        let folded_path = dir.join(journal::FOLDED_BASE_NAME);
-        let folded = match OpenOptions::new().read(true).write(true).open(&folded_path) {
-            Ok(file) => {
-                let found = file.metadata().map_err(journal_err)?.len();
-                if found != capacity {
-                    return Err(VolumeError::FoldedBaseSize {
-                        path: folded_path,
-                        found,
-                        expected: capacity,
-                    });
-                }
-                Some(Arc::new(file))
+        let mut index = ExtentMap::new();
+        let mut bookmarks = Vec::new();
+        let (writer, replayed) = Writer::open(dir, base, options.segment_bytes, |record| {
+            let ReplayedRecord {
+                header,
+                ordinal,
+                payload_offset,
+                payload,
+            } = record;
+            if let Some(source) = indexed(header.kind, ordinal, payload_offset) {
+                let len = format::zero_extent_len(header, payload).unwrap_or(u64::from(header.len));
+                index.insert(sectors_of(header.offset), sectors_of(len), source);
+            } else if header.kind == RecordKind::Bookmark {
+                bookmarks.push(Bookmark::from_record(header, payload));
             }
+        })?;
+        let base_seq = writer.state().base_seq;
+        bookmarks.retain(|b| b.seq > base_seq);
+        let folded_path = dir.join(sealvm_journal::dir::FOLDED_BASE_NAME);
+        let folded = match OpenOptions::new().read(true).write(true).open(&folded_path) {
+            Ok(file) => Some(Arc::new(file)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(journal_err(e)),
+            Err(source) => {
+                return Err(VolumeError::FoldedBase {
+                    path: folded_path,
+                    source,
+                })
+            }
         };
         let base_file = match &folded {
             Some(file) => file.clone(),
-            None => Arc::new(File::open(base).map_err(journal_err)?),
+            None => Arc::new(File::open(base).map_err(|source| VolumeError::FoldedBase {
+                path: base.to_path_buf(),
+                source,
+            })?),
         };
-
-        let mut listed = journal::segments(dir)?;
-        if listed.is_empty() {
-            let first = fold_state.base_seq + 1;
-            let path = journal::segment_path(dir, first);
-            File::create(&path).map_err(journal_err)?;
-            journal::sync_dir(dir).map_err(journal_err)?;
-            listed.push((first, path));
-        }
-        if listed[0].0 > fold_state.base_seq + 1 {
-            return Err(VolumeError::MissingRecords {
-                dir: dir.to_path_buf(),
-                base_seq: fold_state.base_seq,
-                first: listed[0].0,
-            });
-        }
-        let mut segments = VecDeque::new();
-        for (first, path) in &listed {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(journal_err)?;
-            segments.push_back(Segment {
-                first_seq: *first,
-                last_seq: first - 1,
-                first_time_ns: 0,
-                last_time_ns: 0,
-                bytes: 0,
-                synced_to: 0,
-                path: path.clone(),
-                file: Arc::new(file),
-            });
-        }
-        let mut index = HashMap::new();
-        let mut bookmarks = Vec::new();
-        let mut current = 0usize;
-        let summary = journal::scan(dir, |header, at, payload| {
-            while segments[current].first_seq != at.segment {
-                current += 1;
-            }
-            let segment = &mut segments[current];
-            if segment.is_empty() {
-                segment.first_time_ns = header.time_ns;
-            }
-            segment.last_seq = header.seq;
-            segment.last_time_ns = header.time_ns;
-            segment.bytes = at.offset + format::record_len(header.len);
-            match header.kind {
-                RecordKind::Write => {
-                    let first = header.offset / SECTOR;
-                    let data = at.offset + HEADER_LEN as u64;
-                    for i in 0..u64::from(header.len) / SECTOR {
-                        index.insert(first + i, pack(current as u32, data + i * SECTOR));
-                    }
-                }
-                RecordKind::Bookmark if header.seq > fold_state.base_seq => {
-                    bookmarks.push(Bookmark {
-                        name: String::from_utf8_lossy(payload).into_owned(),
-                        seq: header.seq,
-                        time_ns: header.time_ns,
-                    })
-                }
-                RecordKind::Bookmark | RecordKind::Sync => {}
-            }
-            true
-        })?;
-        let active = segments.back().expect("at least one segment was listed");
-        if summary.unflushed_after_hole {
-            tracing::warn!(
-                segment = %active.path.display(),
-                dropped_bytes = summary.dropped_len,
-                "journal has a hole followed by records no flush had made durable (a power \
-                 loss); cutting it there, as a disk's volatile cache would lose them"
-            );
-        } else if summary.dropped_len > 0 {
-            tracing::warn!(
-                segment = %active.path.display(),
-                dropped_bytes = summary.dropped_len,
-                "journal ends in a torn or corrupt record; cutting it off"
-            );
-        }
-        if summary.dropped_len > 0 {
-            active.file.set_len(active.bytes).map_err(journal_err)?;
-            active.file.sync_all().map_err(journal_err)?;
-        }
-        let next_seq = summary.last_seq.max(fold_state.base_seq) + 1;
         let mut id = base
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -401,27 +251,23 @@ impl JournaledVolume {
             state: RwLock::new(State {
                 base: base_file,
                 folded,
-                segments,
-                first_ordinal: 0,
-                next_seq,
+                writer,
                 index,
                 bookmarks,
-                base_seq: fold_state.base_seq,
                 retention: options.retention,
             }),
             write_through: options.write_through,
-            segment_bytes: options.segment_bytes,
             id,
             folding: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
-            _serve_lock: serve_lock,
+            stopped: AtomicBool::new(false),
             counters: VolumeCounters::default(),
         };
         Ok((
             volume,
             Opened {
-                records: summary.records,
-                dropped_bytes: summary.dropped_len,
+                records: replayed.records,
+                dropped_bytes: replayed.dropped_bytes,
             },
         ))
     }
@@ -443,135 +289,55 @@ impl JournaledVolume {
             .map_err(|_| io::Error::other("journal lock poisoned"))
     }
 
+    /// Appends a record and updates the index; rotation wakes the folder.
     fn append(
         &self,
         state: &mut State,
         kind: RecordKind,
         offset: u64,
         payload: &[u8],
-    ) -> io::Result<u64> {
-        let len = format::record_len(payload.len() as u32);
-        let active = state.active();
-        // A sync point names an offset in its own segment, so it never starts a new one.
-        if kind != RecordKind::Sync && !active.is_empty() && active.bytes + len > self.segment_bytes
-        {
-            self.rotate(state)?;
+    ) -> io::Result<sealvm_journal::writer::Appended> {
+        // Checked under the lock, so once `stop` has the lock no record follows its sync.
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "sealvm-blk is stopping: the journal takes no more records",
+            ));
         }
-        let seq = if kind == RecordKind::Sync {
-            state.next_seq - 1
-        } else {
-            state.next_seq
-        };
-        let time_ns = journal::now_ns();
-        let record = format::encode(kind, seq, time_ns, offset, payload);
-        let ordinal = state.active_ordinal();
-        let active = state.segments.back_mut().expect("an active segment");
-        let at = active.bytes;
-        active.file.write_all_at(&record, at)?;
-        if active.is_empty() {
-            active.first_time_ns = time_ns;
+        let segments = state.writer.segments().len();
+        let appended = state.writer.append(kind, offset, payload)?;
+        if state.writer.segments().len() != segments {
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            self.wake_folder();
         }
-        active.bytes += len;
-        active.last_seq = seq;
-        active.last_time_ns = time_ns;
-        if kind == RecordKind::Write {
-            let first = offset / SECTOR;
-            let data = at + HEADER_LEN as u64;
-            for i in 0..payload.len() as u64 / SECTOR {
-                state
-                    .index
-                    .insert(first + i, pack(ordinal, data + i * SECTOR));
-            }
+        if let Some(source) = indexed(kind, appended.ordinal, appended.payload_offset) {
+            let len = if kind == RecordKind::ZeroExtent {
+                u64::from_le_bytes(payload.try_into().unwrap_or([0; 8]))
+            } else {
+                payload.len() as u64
+            };
+            state
+                .index
+                .insert(sectors_of(offset), sectors_of(len), source);
         }
-        if kind != RecordKind::Sync {
-            state.next_seq += 1;
-        }
-        Ok(seq)
+        Ok(appended)
     }
 
-    /// Records that segment `ordinal` was durable up to `end` (an fdatasync that started
-    /// when it ended there has completed), unless a sync point already says as much. On
-    /// open, such a point tells damage to durable records (refused) from a power loss's
-    /// hole among unflushed ones (cut).
-    fn record_sync_point(&self, state: &mut State, ordinal: u32, end: u64) -> io::Result<()> {
-        // A segment closed since was synced whole when it was closed.
-        if ordinal != state.active_ordinal() || end <= state.active().synced_to {
-            return Ok(());
-        }
-        self.append(state, RecordKind::Sync, 0, &end.to_le_bytes())?;
-        let active = state.segments.back_mut().expect("an active segment");
-        active.synced_to = active.bytes;
-        Ok(())
-    }
-
-    /// The active segment's file, ordinal and end, for a sync outside the lock.
-    fn active_position(&self) -> io::Result<(Arc<File>, u32, u64)> {
-        let state = self.read_state()?;
-        let ordinal = state.active_ordinal();
-        let active = state.active();
-        Ok((active.file.clone(), ordinal, active.bytes))
-    }
-
-    /// fdatasyncs the active segment and records the sync point.
+    /// fdatasyncs the active segment (outside the lock, so the guest's writes go on) and
+    /// records the sync point.
     fn sync_and_record(&self) -> io::Result<()> {
-        let (file, ordinal, end) = self.active_position()?;
-        // Synced outside the lock so the guest's writes keep going meanwhile; if the segment
-        // is closed in between, closing it synced it.
-        self.sync_file(&file)?;
-        let mut state = self.write_state()?;
-        self.record_sync_point(&mut state, ordinal, end)
-    }
-
-    /// Closes the active segment (fdatasync'ed, so only the last segment can ever end in a
-    /// torn record) and starts a new one named by the next sequence number.
-    fn rotate(&self, state: &mut State) -> io::Result<()> {
+        let target = self.read_state()?.writer.sync_target();
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        state.active().file.sync_data()?;
-        let first_seq = state.next_seq;
-        let path = journal::segment_path(&self.dir, first_seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        journal::sync_dir(&self.dir)?;
-        state.segments.push_back(Segment {
-            first_seq,
-            last_seq: first_seq - 1,
-            first_time_ns: 0,
-            last_time_ns: 0,
-            bytes: 0,
-            synced_to: 0,
-            path,
-            file: Arc::new(file),
-        });
-        tracing::debug!(first_seq, "journal segment started");
-        self.wake_folder();
-        Ok(())
+        // If the segment is closed in between, closing it synced it.
+        target.sync()?;
+        self.write_state()?
+            .writer
+            .record_sync_point(target.ordinal, target.end)
     }
 
     /// Appends a bookmark and makes it (and every write before it) durable; returns it.
+    /// Names that `--at` would read as something else, and names in use, are refused.
     pub fn bookmark(&self, name: &str) -> io::Result<Bookmark> {
-        if name.is_empty() || name.len() > 256 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a bookmark name is 1 to 256 bytes",
-            ));
-        }
-        let mut state = self.write_state()?;
-        let seq = self.append(&mut state, RecordKind::Bookmark, 0, name.as_bytes())?;
-        let time_ns = state.active().last_time_ns;
-        self.sync(&state)?;
-        let ordinal = state.active_ordinal();
-        let end = state.active().bytes;
-        self.record_sync_point(&mut state, ordinal, end)?;
-        let bookmark = Bookmark {
-            name: name.into(),
-            seq,
-            time_ns,
-        };
-        state.bookmarks.push(bookmark.clone());
-        Ok(bookmark)
+        Ok(Self::bookmark_group(&[self], name)?.remove(0))
     }
 
     /// Makes one bookmark across several volumes, a consistency group: every volume's
@@ -579,12 +345,7 @@ impl JournaledVolume {
     /// them falls between the records; then each is made durable. Returns the bookmarks in
     /// the order of `volumes`.
     pub fn bookmark_group(volumes: &[&JournaledVolume], name: &str) -> io::Result<Vec<Bookmark>> {
-        if name.is_empty() || name.len() > 256 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a bookmark name is 1 to 256 bytes",
-            ));
-        }
+        bookmark::check_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // Locks are taken in journal-directory order, so two group bookmarks cannot
         // deadlock; a guest's write takes one volume's lock only.
         let mut order: Vec<usize> = (0..volumes.len()).collect();
@@ -593,14 +354,26 @@ impl JournaledVolume {
         for &i in &order {
             guards.push((i, volumes[i].write_state()?));
         }
+        for (i, state) in &guards {
+            if state.bookmarks.iter().any(|b| b.name == name) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "volume {} already has a bookmark named {name:?}; bookmark names are \
+                         unique within a journal",
+                        volumes[*i].dir.display()
+                    ),
+                ));
+            }
+        }
         let mut made = vec![None; volumes.len()];
         for (i, state) in &mut guards {
             let volume = volumes[*i];
-            let seq = volume.append(state, RecordKind::Bookmark, 0, name.as_bytes())?;
+            let appended = volume.append(state, RecordKind::Bookmark, 0, name.as_bytes())?;
             let bookmark = Bookmark {
                 name: name.into(),
-                seq,
-                time_ns: state.active().last_time_ns,
+                seq: appended.seq,
+                time_ns: appended.time_ns,
             };
             state.bookmarks.push(bookmark.clone());
             made[*i] = Some(bookmark);
@@ -608,7 +381,7 @@ impl JournaledVolume {
         drop(guards);
         let mut bookmarks = Vec::new();
         for (volume, made) in volumes.iter().zip(made) {
-            let bookmark = made.expect("every volume got a bookmark");
+            let bookmark = made.ok_or_else(|| io::Error::other("a volume got no bookmark"))?;
             volume.sync_and_record()?;
             bookmarks.push(bookmark);
         }
@@ -626,10 +399,12 @@ impl JournaledVolume {
     /// within reach.
     pub fn oldest_point(&self) -> Option<OldestPoint> {
         let state = self.read_state().ok()?;
+        let base_seq = state.base_seq();
         let segment = state
-            .segments
+            .writer
+            .segments()
             .iter()
-            .find(|s| !s.is_empty() && s.last_seq > state.base_seq)?;
+            .find(|s| !s.is_empty() && s.last_seq > base_seq)?;
         // Folding works in whole segments, so a segment within reach starts after base_seq.
         Some(OldestPoint {
             seq: segment.first_seq,
@@ -639,28 +414,65 @@ impl JournaledVolume {
 
     /// The last sequence number folded into the base: points in time before it are gone.
     pub fn base_seq(&self) -> u64 {
-        self.read_state().map(|s| s.base_seq).unwrap_or(0)
+        self.read_state().map(|s| s.base_seq()).unwrap_or(0)
     }
 
-    fn sync(&self, state: &State) -> io::Result<()> {
-        self.sync_file(&state.active().file)
-    }
-
-    fn sync_file(&self, file: &File) -> io::Result<()> {
-        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        file.sync_data()
-    }
-
-    /// Size of the journal (every segment) in bytes and the last sequence number.
+    /// Size of the journal's records (every segment) in bytes and the last sequence number.
     pub fn journal_position(&self) -> (u64, u64) {
         self.read_state()
-            .map(|s| (s.journal_bytes(), s.next_seq - 1))
+            .map(|s| (s.writer.journal_bytes(), s.writer.next_seq() - 1))
             .unwrap_or((0, 0))
     }
 
     /// The number of segment files.
     pub fn segment_count(&self) -> usize {
-        self.read_state().map(|s| s.segments.len()).unwrap_or(0)
+        self.read_state()
+            .map(|s| s.writer.segments().len())
+            .unwrap_or(0)
+    }
+
+    /// Extents in the index: what its memory follows.
+    pub fn index_extents(&self) -> usize {
+        self.read_state().map(|s| s.index.len()).unwrap_or(0)
+    }
+
+    /// Fails every later fdatasync of the journal `count` times (a fault seam for tests;
+    /// see [`Writer::inject_sync_failures`]).
+    pub fn inject_sync_failures(&self, count: u32) {
+        if let Ok(state) = self.read_state() {
+            state.writer.inject_sync_failures(count);
+        }
+    }
+
+    /// Stops the volume for a clean exit: refuses every later write, zero extent and
+    /// bookmark, and makes everything appended so far durable (fdatasync and a sync
+    /// point). Reads go on.
+    pub fn stop(&self) -> io::Result<()> {
+        self.stopped.store(true, Ordering::Release);
+        // Appends that saw the flag clear hold the write lock until they are done, so the
+        // sync target taken after them covers every record.
+        drop(self.write_state()?);
+        self.sync_and_record()
+    }
+
+    /// Appends a zero extent: `len` bytes at `offset` read as zeroes from here on.
+    fn zero_extent(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut state = self.write_state()?;
+        self.append(
+            &mut state,
+            RecordKind::ZeroExtent,
+            offset,
+            &len.to_le_bytes(),
+        )?;
+        drop(state);
+        if self.write_through {
+            self.sync_and_record()?;
+        }
+        self.counters.zero_extents.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -677,14 +489,19 @@ impl BlockBackend for JournaledVolume {
         if state.index.is_empty() {
             return Ok(());
         }
-        let first = offset / SECTOR;
-        for (i, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
-            if let Some(&entry) = state.index.get(&(first + i as u64)) {
-                let (ordinal, at) = unpack(entry);
-                let segment = state
-                    .segment_by_ordinal(ordinal)
-                    .ok_or_else(|| io::Error::other("index names a folded segment"))?;
-                segment.file.read_exact_at(sector, at)?;
+        let first = sectors_of(offset);
+        for extent in state.index.overlapping(first, sectors_of(buf.len() as u64)) {
+            let from = ((extent.start - first) * SECTOR) as usize;
+            let to = from + (extent.sectors * SECTOR) as usize;
+            let part = &mut buf[from..to];
+            match extent.source {
+                Source::Zero { .. } => part.fill(0),
+                Source::Data { segment, offset } => state
+                    .writer
+                    .segment_by_ordinal(segment)
+                    .ok_or_else(|| io::Error::other("the index names a folded segment"))?
+                    .file
+                    .read_exact_at(part, u64::from(offset))?,
             }
         }
         Ok(())
@@ -712,9 +529,25 @@ impl BlockBackend for JournaledVolume {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Discarded sectors may read back as anything; journaling zeroes keeps every point
-        // in time exact.
-        self.write_zeroes(offset, len, false)
+        // Discarded sectors may read back as anything; zeroes keep every point in time
+        // exact, and a zero extent costs one small record whatever the length.
+        self.zero_extent(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.zero_extent(offset, len)
+    }
+
+    fn saved_write_through(&self) -> Option<bool> {
+        self.read_state()
+            .ok()
+            .map(|s| s.writer.state().write_through)
+    }
+
+    fn save_write_through(&self, write_through: bool) -> io::Result<()> {
+        self.write_state()?
+            .writer
+            .update_state(|s| s.write_through = write_through)
     }
 
     fn device_id(&self) -> &[u8] {
@@ -725,6 +558,12 @@ impl BlockBackend for JournaledVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal;
+    use sealvm_journal::format::{NewRecord, HEADER_LEN, SEGMENT_HEADER_LEN};
+
+    /// Where a segment's first record starts.
+    const START: usize = SEGMENT_HEADER_LEN;
+    const SECTOR: u64 = 512;
 
     fn base(dir: &Path, sectors: u64) -> PathBuf {
         let path = dir.join("base.raw");
@@ -770,7 +609,16 @@ mod tests {
         // A crash in the middle of the next record: half a header and some data.
         let segment = journal::segment_path(&journal, 1);
         let good_len = std::fs::metadata(&segment).unwrap().len();
-        let torn = format::encode(RecordKind::Write, 4, 0, 0, &[3; 512]);
+        let torn = format::encode(
+            &NewRecord {
+                kind: RecordKind::Write,
+                seq: 4,
+                time_ns: 0,
+                offset: 0,
+                flags: 0,
+            },
+            &[3; 512],
+        );
         let mut bytes = std::fs::read(&segment).unwrap();
         bytes.extend_from_slice(&torn[..300]);
         std::fs::write(&segment, &bytes).unwrap();
@@ -813,7 +661,7 @@ mod tests {
         let journal = dir.path().join("j");
         let segment = three_records(&base_path, &journal, false);
         let mut bytes = std::fs::read(&segment).unwrap();
-        let last = 2 * format::record_len(512) as usize;
+        let last = START + 2 * format::record_len(512) as usize;
         bytes[last + HEADER_LEN + 100] ^= 1;
         std::fs::write(&segment, &bytes).unwrap();
         let (volume, opened) = JournaledVolume::open(&base_path, &journal, false).unwrap();
@@ -837,11 +685,20 @@ mod tests {
         let journal = dir.path().join("j");
         let segment = three_records(&base_path, &journal, true);
         let mut bytes = std::fs::read(&segment).unwrap();
-        let last = 2 * format::record_len(512) as usize;
+        let last = START + 2 * format::record_len(512) as usize;
         bytes[last + HEADER_LEN + 100] ^= 1;
         std::fs::write(&segment, &bytes).unwrap();
         match JournaledVolume::open(&base_path, &journal, false) {
-            Err(VolumeError::Replay(JournalError::Corrupt { offset, seq: 3, .. })) => {
+            Err(e)
+                if matches!(
+                    e.journal_error(),
+                    Some(JournalError::Corrupt { seq: 3, .. })
+                ) =>
+            {
+                let Some(JournalError::Corrupt { offset, .. }) = e.journal_error() else {
+                    unreachable!()
+                };
+                let offset = *offset;
                 assert_eq!(offset, last as u64)
             }
             Err(e) => panic!("wrong error: {e}"),
@@ -900,7 +757,8 @@ mod tests {
         let journal = dir.path().join("j");
         let segment = three_records(&base_path, &journal, true);
         let original = std::fs::read(&segment).unwrap();
-        let second = format::record_len(512) as usize;
+        let second = START + format::record_len(512) as usize;
+        let first_len = format::record_len(512) as usize;
         // A flipped payload byte, and a header wiped to zeroes: both inside the journal.
         for (at, damage) in [(second + HEADER_LEN + 100, 1u8), (second, 0xff)] {
             let mut bytes = original.clone();
@@ -911,18 +769,20 @@ mod tests {
             }
             std::fs::write(&segment, &bytes).unwrap();
             match JournaledVolume::open(&base_path, &journal, false) {
-                Err(VolumeError::Replay(JournalError::Corrupt {
-                    path,
-                    offset,
-                    seq,
-                    next_valid,
-                })) => {
-                    assert_eq!(path, segment);
-                    assert_eq!(offset, second as u64);
-                    assert_eq!(seq, 2);
-                    assert_eq!(next_valid, 2 * second as u64);
-                }
-                Err(e) => panic!("wrong error: {e}"),
+                Err(e) => match e.journal_error() {
+                    Some(JournalError::Corrupt {
+                        path,
+                        offset,
+                        seq,
+                        next_valid,
+                    }) => {
+                        assert_eq!(path, &segment);
+                        assert_eq!(*offset, second as u64);
+                        assert_eq!(*seq, 2);
+                        assert_eq!(*next_valid, (second + first_len) as u64);
+                    }
+                    _ => panic!("wrong error: {e}"),
+                },
                 Ok(_) => panic!("a journal damaged in the middle opened"),
             }
             assert_eq!(
@@ -983,6 +843,114 @@ mod tests {
     }
 
     #[test]
+    fn bookmark_names_that_read_as_a_point_or_are_in_use_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let (volume, _) = JournaledVolume::open(&base_path, &dir.path().join("j"), false).unwrap();
+        volume.write_at(0, &[1; 512]).unwrap();
+        for name in ["2", "latest", "@1", "bookmark:x"] {
+            let err = volume.bookmark(name).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{name}: {err}");
+        }
+        volume.bookmark("before").unwrap();
+        let err = volume.bookmark("before").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let err = JournaledVolume::bookmark_group(&[&volume], "before").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let names: Vec<_> = volume.bookmarks().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["before"], "a refused bookmark was recorded");
+        assert_eq!(volume.journal_position().1, 2);
+    }
+
+    /// Uses the writer's fault seam (`inject_sync_failures`): a real fdatasync failure needs
+    /// a device that fails writes (dm-error), which a unit test cannot set up.
+    #[test]
+    fn a_failed_fdatasync_fails_every_later_flush_until_the_journal_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        volume.write_at(0, &[1; 512]).unwrap();
+        volume.flush().unwrap();
+        volume.write_at(512, &[2; 512]).unwrap();
+        volume.inject_sync_failures(1);
+        assert!(
+            volume.flush().is_err(),
+            "the failing fdatasync was not reported"
+        );
+        // The disk works again, but the pages the kernel could not write may be gone: a
+        // retried fdatasync would succeed without them. Every later flush fails instead.
+        for _ in 0..3 {
+            let err = volume.flush().unwrap_err();
+            assert!(err.to_string().contains("restart sealvm-blk"), "{err}");
+        }
+        assert!(volume.write_at(1024, &[3; 512]).is_err());
+        assert!(volume.bookmark("after-failure").is_err());
+        drop(volume);
+        // Reopening replays what really is in the journal, and flushes work again.
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        volume.write_at(1024, &[3; 512]).unwrap();
+        volume.flush().unwrap();
+        let mut buf = vec![0u8; 1536];
+        volume.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf[..512], &[1; 512][..]);
+        assert_eq!(&buf[1024..], &[3; 512][..]);
+    }
+
+    #[test]
+    fn a_whole_device_discard_is_one_small_record_and_one_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("big.raw");
+        let gib = 1u64 << 30;
+        std::fs::write(&base_path, vec![0x11u8; 4096]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&base_path)
+            .unwrap()
+            .set_len(gib)
+            .unwrap();
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        for i in 0..64 {
+            volume.write_at(i * (1 << 20), &[7; 4096]).unwrap();
+        }
+        let (before, _) = volume.journal_position();
+        volume.discard(0, gib).unwrap();
+        let (after, _) = volume.journal_position();
+        assert_eq!(after - before, format::record_len(8), "a discard of 1 GiB");
+        assert_eq!(volume.index_extents(), 1);
+        let mut buf = vec![1u8; 8192];
+        volume.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "discarded sectors read back data"
+        );
+        volume.write_zeroes(512, 512, false).unwrap();
+        volume.write_at(4096, &[5; 512]).unwrap();
+        drop(volume);
+        // Replay builds the same map: zeroes over the base, split by the two later records
+        // into five extents.
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(volume.index_extents(), 5);
+        volume.read_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&buf[4096..4608], &[5; 512][..]);
+    }
+
+    #[test]
+    fn the_guests_write_through_mode_is_kept_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = base(dir.path(), 16);
+        let journal = dir.path().join("j");
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(volume.saved_write_through(), Some(false));
+        volume.save_write_through(true).unwrap();
+        drop(volume);
+        let (volume, _) = JournaledVolume::open(&base_path, &journal, false).unwrap();
+        assert_eq!(volume.saved_write_through(), Some(true));
+    }
+
+    #[test]
     fn a_second_server_on_the_same_journal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = base(dir.path(), 16);
@@ -990,7 +958,7 @@ mod tests {
         let _first = JournaledVolume::open(&base_path, &journal, false).unwrap();
         assert!(matches!(
             JournaledVolume::open(&base_path, &journal, false),
-            Err(VolumeError::JournalLocked { .. })
+            Err(VolumeError::Journal(WriterError::Locked { .. }))
         ));
     }
 }

@@ -1,0 +1,660 @@
+//! Appending to a journal: one writer per journal (`serve.lock`), records appended to the
+//! active segment, rotation into a new segment, fdatasync with sync points, and the journal
+//! state. The crash argument is in journal/DESIGN.md.
+//!
+//! An fdatasync that fails **poisons** the writer: after such a failure the kernel may
+//! have dropped the dirty pages it could not write and marked them clean, so a later
+//! fdatasync can succeed without the data ever reaching the disk (PostgreSQL's
+//! "fsyncgate"). Every later append and sync fails until the journal is reopened and
+//! replayed, which reads back what really is in the file.
+
+use crate::dir::{self, JournalError, JournalState};
+use crate::format::{self, Identity, NewRecord, RecordHeader, RecordKind, SegmentHeader, Uuid};
+use crate::reader::{AppendSignal, Reader};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The smallest and largest segment sizes a writer accepts (extent maps hold a 32-bit
+/// offset in a segment).
+pub const SEGMENT_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 30);
+
+/// Errors opening a journal for writing.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// Reading or checking the journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Another process writes this journal.
+    #[error("journal {dir} is in use by another sealvm-blk")]
+    Locked {
+        /// The journal directory.
+        dir: PathBuf,
+    },
+    /// The first segment starts after the folded history ends.
+    #[error(
+        "journal {dir} has folded history up to seq {base_seq} but its first segment starts \
+         at seq {first}: records in between are missing"
+    )]
+    MissingRecords {
+        /// The journal directory.
+        dir: PathBuf,
+        /// The last folded seq.
+        base_seq: u64,
+        /// The first segment's first seq.
+        first: u64,
+    },
+    /// The segment size is out of range.
+    #[error("segment size {0} is out of range (4 KiB to 1 GiB)")]
+    SegmentSize(u64),
+}
+
+/// What became durable: told to a [`SyncObserver`] after the fact.
+#[derive(Debug, Clone, Copy)]
+pub enum SyncEvent<'a> {
+    /// An fdatasync of this segment file returned successfully: its bytes as they were
+    /// when it started are durable.
+    File(&'a Path),
+    /// An fsync of this directory returned: its entries (new segments) are durable.
+    Dir(&'a Path),
+}
+
+/// Called after every fdatasync and directory fsync the writer makes: the seam the crash
+/// simulator (`tests/crash_sim.rs`) records durability through.
+pub type SyncObserver = Arc<dyn Fn(SyncEvent<'_>) + Send + Sync>;
+
+/// Health shared by a writer and the sync handles it gives out.
+#[derive(Default)]
+struct Health {
+    poisoned: Mutex<Option<String>>,
+    is_poisoned: AtomicBool,
+    injected_failures: AtomicU32,
+    observer: Mutex<Option<SyncObserver>>,
+}
+
+impl Health {
+    fn observe(&self, event: SyncEvent<'_>) {
+        let observer = self.observer.lock().ok().and_then(|o| o.clone());
+        if let Some(observer) = observer {
+            observer(event);
+        }
+    }
+}
+
+impl Health {
+    fn check(&self) -> io::Result<()> {
+        if !self.is_poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let why = self
+            .poisoned
+            .lock()
+            .map(|p| p.clone().unwrap_or_default())
+            .unwrap_or_default();
+        Err(io::Error::other(format!(
+            "{why}; the kernel may have dropped data it could not write, so no later flush \
+             can be trusted: restart sealvm-blk to reopen and replay the journal"
+        )))
+    }
+
+    fn fdatasync(&self, file: &File, path: &Path) -> io::Result<()> {
+        self.check()?;
+        let result = if self
+            .injected_failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            file.sync_data()
+        };
+        if let Err(e) = &result {
+            if let Ok(mut poisoned) = self.poisoned.lock() {
+                poisoned.get_or_insert_with(|| {
+                    format!(
+                        "fdatasync of journal segment {} failed: {e}",
+                        path.display()
+                    )
+                });
+            }
+            self.is_poisoned.store(true, Ordering::Release);
+            tracing::error!(segment = %path.display(), error = %e, "fdatasync failed; the journal refuses every later write and flush until it is reopened");
+        } else {
+            self.observe(SyncEvent::File(path));
+        }
+        result
+    }
+}
+
+/// One segment file.
+#[derive(Debug)]
+pub struct SegmentState {
+    /// Seq of its first record (its name).
+    pub first_seq: u64,
+    /// Seq of its last record, `first_seq - 1` while it has none.
+    pub last_seq: u64,
+    /// Time of its first record.
+    pub first_time_ns: u64,
+    /// Time of its last record.
+    pub last_time_ns: u64,
+    /// Where the next record goes (the file's valid length).
+    pub bytes: u64,
+    /// Where the segment stood after its last sync point.
+    pub synced_to: u64,
+    /// The file's path.
+    pub path: PathBuf,
+    /// The file, shared with syncs outside the writer's lock.
+    pub file: Arc<File>,
+}
+
+impl SegmentState {
+    /// True while the segment holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.last_seq < self.first_seq
+    }
+
+    /// Bytes of records (the segment header not counted).
+    pub fn record_bytes(&self) -> u64 {
+        self.bytes.saturating_sub(format::SEGMENT_HEADER_LEN as u64)
+    }
+}
+
+/// Where an appended record went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Its seq.
+    pub seq: u64,
+    /// Its segment's ordinal (see [`Writer::segment_by_ordinal`]).
+    pub ordinal: u32,
+    /// Byte offset of its payload in the segment.
+    pub payload_offset: u64,
+    /// Its time.
+    pub time_ns: u64,
+}
+
+/// What replaying the journal on open found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Records replayed (annotations not counted).
+    pub records: u64,
+    /// Bytes after the last valid record that were cut off.
+    pub dropped_bytes: u64,
+}
+
+/// A record met while replaying: what the owner of an index needs.
+pub struct ReplayedRecord<'a> {
+    /// Its header.
+    pub header: &'a RecordHeader,
+    /// Its segment's ordinal.
+    pub ordinal: u32,
+    /// Byte offset of its payload in the segment.
+    pub payload_offset: u64,
+    /// Its payload.
+    pub payload: &'a [u8],
+}
+
+/// A handle to fdatasync the active segment outside the writer's lock.
+pub struct SyncTarget {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The ordinal of the segment.
+    pub ordinal: u32,
+    /// Its length when the handle was taken: what the sync covers.
+    pub end: u64,
+    health: Arc<Health>,
+}
+
+impl SyncTarget {
+    /// fdatasyncs the segment; a failure poisons the writer.
+    pub fn sync(&self) -> io::Result<()> {
+        self.health.fdatasync(&self.file, &self.path)
+    }
+}
+
+/// The one writer of a journal.
+pub struct Writer {
+    dir: PathBuf,
+    identity: Identity,
+    state: JournalState,
+    segments: VecDeque<SegmentState>,
+    first_ordinal: u32,
+    next_seq: u64,
+    segment_bytes: u64,
+    health: Arc<Health>,
+    signal: Arc<AppendSignal>,
+    _serve_lock: File,
+}
+
+impl Writer {
+    /// Opens the journal in `dir` (created if missing) for the volume image `base`, checks
+    /// that they belong together, replays every record through `visit` and cuts a torn
+    /// tail. A version-1 journal is [`JournalError::NeedsUpgrade`].
+    pub fn open(
+        dir: &Path,
+        base: &Path,
+        segment_bytes: u64,
+        mut visit: impl FnMut(ReplayedRecord<'_>),
+    ) -> Result<(Writer, Replayed), WriterError> {
+        if !SEGMENT_BYTES_RANGE.contains(&segment_bytes) {
+            return Err(WriterError::SegmentSize(segment_bytes));
+        }
+        std::fs::create_dir_all(dir).map_err(JournalError::io(dir))?;
+        let lock_path = dir.join(dir::SERVE_LOCK_NAME);
+        let serve_lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(JournalError::io(&lock_path))?;
+        use sealvm_os::lock::{lock, LockError, LockMode, Wait};
+        match lock(&serve_lock, LockMode::Exclusive, Wait::NoWait) {
+            Ok(()) => {}
+            Err(LockError::Held) => {
+                return Err(WriterError::Locked {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(LockError::Io(source)) => {
+                return Err(JournalError::Io {
+                    path: lock_path,
+                    source,
+                }
+                .into())
+            }
+        }
+        let mut listed = dir::segments(dir)?;
+        let mut state = dir::read_state(dir)?;
+        let identity = match state.identity {
+            Some(identity) => identity,
+            None if listed.is_empty() => {
+                // A new journal: name it and its volume.
+                let image = File::open(base).map_err(JournalError::io(base))?;
+                let volume_bytes = image.metadata().map_err(JournalError::io(base))?.len();
+                let random = |_| JournalError::Io {
+                    path: dir.to_path_buf(),
+                    source: io::Error::other("no randomness for a journal UUID"),
+                };
+                let identity = Identity {
+                    journal: Uuid::random().map_err(random)?,
+                    volume: Uuid::random().map_err(random)?,
+                    volume_bytes,
+                    sector_bytes: format::SECTOR_BYTES,
+                };
+                state = JournalState {
+                    version: format::VERSION,
+                    identity: Some(identity),
+                    base_fingerprint: Some(dir::fingerprint(&image, base)?),
+                    base_seq: state.base_seq,
+                    write_through: state.write_through,
+                };
+                dir::write_state(dir, &state)?;
+                identity
+            }
+            None => {
+                return Err(JournalError::NeedsUpgrade {
+                    dir: dir.to_path_buf(),
+                }
+                .into())
+            }
+        };
+        dir::check_base(dir, base, &state)?;
+        let health = Arc::new(Health::default());
+        if listed.is_empty() {
+            let first = state.base_seq + 1;
+            create_segment(dir, &identity, first, &health)?;
+            listed.push((first, dir::segment_path(dir, first)));
+        }
+        if listed[0].0 > state.base_seq + 1 {
+            return Err(WriterError::MissingRecords {
+                dir: dir.to_path_buf(),
+                base_seq: state.base_seq,
+                first: listed[0].0,
+            });
+        }
+        let mut segments = VecDeque::new();
+        let count = listed.len();
+        for (i, (first, path)) in listed.iter().enumerate() {
+            let opened = dir::open_segment(path, *first, Some(&identity), true)?;
+            if opened.version == 1 {
+                return Err(JournalError::NeedsUpgrade {
+                    dir: dir.to_path_buf(),
+                }
+                .into());
+            }
+            if opened.torn_header {
+                if i + 1 != count {
+                    return Err(JournalError::BadSegmentHeader { path: path.clone() }.into());
+                }
+                // Created by a writer that crashed before the header was durable; it
+                // holds no record: write the header again.
+                write_segment_header(&opened.file, path, &identity, *first)?;
+            }
+            segments.push_back(SegmentState {
+                first_seq: *first,
+                last_seq: first - 1,
+                first_time_ns: 0,
+                last_time_ns: 0,
+                bytes: format::SEGMENT_HEADER_LEN as u64,
+                synced_to: 0,
+                path: path.clone(),
+                file: Arc::new(opened.file),
+            });
+        }
+        let mut reader = Reader::open(dir)?;
+        let mut current = 0usize;
+        while let Some((header, at)) = reader.next_record()? {
+            while segments[current].first_seq != at.segment {
+                current += 1;
+            }
+            let segment = &mut segments[current];
+            if segment.is_empty() {
+                segment.first_time_ns = header.time_ns;
+            }
+            segment.last_seq = header.seq;
+            segment.last_time_ns = header.time_ns;
+            segment.bytes = at.offset + format::record_len(header.len);
+            visit(ReplayedRecord {
+                header: &header,
+                ordinal: current as u32,
+                payload_offset: at.offset + format::HEADER_LEN as u64,
+                payload: reader.payload(),
+            });
+        }
+        let summary = reader.summary().clone();
+        let active = segments.back().expect("at least one segment");
+        if summary.unflushed_after_hole {
+            tracing::warn!(
+                segment = %active.path.display(),
+                dropped_bytes = summary.dropped_len,
+                "journal has a hole followed by records no flush had made durable (a power \
+                 loss); cutting it there, as a disk's volatile cache would lose them"
+            );
+        } else if summary.dropped_len > 0 {
+            tracing::warn!(
+                segment = %active.path.display(),
+                dropped_bytes = summary.dropped_len,
+                "journal ends in a torn or corrupt record; cutting it off"
+            );
+        }
+        if summary.dropped_len > 0 {
+            let io_err = JournalError::io(&active.path);
+            active.file.set_len(active.bytes).map_err(io_err)?;
+            active
+                .file
+                .sync_all()
+                .map_err(JournalError::io(&active.path))?;
+        }
+        let next_seq = summary.last_seq.max(state.base_seq) + 1;
+        let signal = Arc::new(AppendSignal::default());
+        signal.notify(next_seq - 1);
+        Ok((
+            Writer {
+                dir: dir.to_path_buf(),
+                identity,
+                state,
+                segments,
+                first_ordinal: 0,
+                next_seq,
+                segment_bytes,
+                health,
+                signal,
+                _serve_lock: serve_lock,
+            },
+            Replayed {
+                records: summary.records,
+                dropped_bytes: summary.dropped_len,
+            },
+        ))
+    }
+
+    /// The journal directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whom the journal belongs to.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The journal state as last written.
+    pub fn state(&self) -> &JournalState {
+        &self.state
+    }
+
+    /// Changes the journal state durably (crash-safe replacement of `state.json`).
+    pub fn update_state(&mut self, change: impl FnOnce(&mut JournalState)) -> io::Result<()> {
+        let mut state = self.state;
+        change(&mut state);
+        if state != self.state {
+            dir::write_state(&self.dir, &state).map_err(io::Error::other)?;
+            self.state = state;
+        }
+        Ok(())
+    }
+
+    /// Wakes readers that follow this journal.
+    pub fn signal(&self) -> Arc<AppendSignal> {
+        self.signal.clone()
+    }
+
+    /// The seq the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The segments, oldest first; the last is the active one.
+    pub fn segments(&self) -> &VecDeque<SegmentState> {
+        &self.segments
+    }
+
+    /// The active segment.
+    pub fn active(&self) -> &SegmentState {
+        self.segments
+            .back()
+            .expect("a writer always has an active segment")
+    }
+
+    /// The ordinal of the oldest segment (ordinals count segments since open).
+    pub fn first_ordinal(&self) -> u32 {
+        self.first_ordinal
+    }
+
+    /// The ordinal of the active segment.
+    pub fn active_ordinal(&self) -> u32 {
+        self.first_ordinal + self.segments.len() as u32 - 1
+    }
+
+    /// The segment with `ordinal`, if it is still there.
+    pub fn segment_by_ordinal(&self, ordinal: u32) -> Option<&SegmentState> {
+        let i = ordinal.checked_sub(self.first_ordinal)?;
+        self.segments.get(i as usize)
+    }
+
+    /// Bytes of records in every segment.
+    pub fn journal_bytes(&self) -> u64 {
+        self.segments.iter().map(SegmentState::record_bytes).sum()
+    }
+
+    /// Forgets the oldest segment once it has been folded (the caller deletes the file).
+    pub fn pop_oldest(&mut self) -> Option<SegmentState> {
+        if self.segments.len() < 2 {
+            return None;
+        }
+        self.first_ordinal += 1;
+        self.segments.pop_front()
+    }
+
+    /// Fails every later fdatasync `count` times with EIO, as a failing disk would: the
+    /// fault seam for tests of what a failed fdatasync does (the real failure needs a
+    /// device that fails writes, such as dm-error).
+    pub fn inject_sync_failures(&self, count: u32) {
+        self.health
+            .injected_failures
+            .store(count, Ordering::Release);
+    }
+
+    /// Calls `observer` after every later fdatasync and directory fsync (the crash
+    /// simulator's seam).
+    pub fn set_sync_observer(&self, observer: SyncObserver) {
+        if let Ok(mut slot) = self.health.observer.lock() {
+            *slot = Some(observer);
+        }
+    }
+
+    /// Fails if an earlier fdatasync failed.
+    pub fn check_health(&self) -> io::Result<()> {
+        self.health.check()
+    }
+
+    /// Appends a record of `kind` (not a sync point: see [`Writer::record_sync_point`]),
+    /// starting a new segment first when the active one would grow past the segment size.
+    pub fn append(
+        &mut self,
+        kind: RecordKind,
+        offset: u64,
+        payload: &[u8],
+    ) -> io::Result<Appended> {
+        self.health.check()?;
+        let len = format::record_len(payload.len() as u32);
+        let active = self.active();
+        let annotation = kind == RecordKind::Sync;
+        if !annotation && !active.is_empty() && active.bytes + len > self.segment_bytes {
+            self.rotate()?;
+        }
+        let seq = if annotation {
+            self.next_seq - 1
+        } else {
+            self.next_seq
+        };
+        let time_ns = dir::now_ns();
+        let record = NewRecord {
+            kind,
+            seq,
+            time_ns,
+            offset,
+            flags: 0,
+        };
+        let ordinal = self.active_ordinal();
+        let active = self.segments.back_mut().expect("an active segment");
+        let at = active.bytes;
+        if payload.len() >= 4096 && format::padding(payload.len()).is_empty() {
+            // Large payloads are written from where they are, not copied into a record.
+            let header = format::encode_header(&record, payload);
+            active.file.write_all_at(&header, at)?;
+            active
+                .file
+                .write_all_at(payload, at + format::HEADER_LEN as u64)?;
+        } else {
+            active
+                .file
+                .write_all_at(&format::encode(&record, payload), at)?;
+        }
+        if active.is_empty() {
+            active.first_time_ns = time_ns;
+        }
+        active.bytes += len;
+        active.last_seq = seq;
+        active.last_time_ns = time_ns;
+        if !annotation {
+            self.next_seq += 1;
+            self.signal.notify(seq);
+        }
+        Ok(Appended {
+            seq,
+            ordinal,
+            payload_offset: at + format::HEADER_LEN as u64,
+            time_ns,
+        })
+    }
+
+    /// A handle to fdatasync the active segment as it is now, outside the caller's lock.
+    pub fn sync_target(&self) -> SyncTarget {
+        let active = self.active();
+        SyncTarget {
+            file: active.file.clone(),
+            path: active.path.clone(),
+            ordinal: self.active_ordinal(),
+            end: active.bytes,
+            health: self.health.clone(),
+        }
+    }
+
+    /// Records that segment `ordinal` was durable up to `end` (an fdatasync that started
+    /// when it ended there has completed), unless a sync point already says as much. On
+    /// open, such a point tells damage to durable records (refused) from a power loss's
+    /// hole among unflushed ones (cut).
+    pub fn record_sync_point(&mut self, ordinal: u32, end: u64) -> io::Result<()> {
+        // A segment closed since was synced whole when it was closed.
+        if ordinal != self.active_ordinal() || end <= self.active().synced_to {
+            return Ok(());
+        }
+        self.append(RecordKind::Sync, 0, &end.to_le_bytes())?;
+        let active = self.segments.back_mut().expect("an active segment");
+        active.synced_to = active.bytes;
+        Ok(())
+    }
+
+    /// Closes the active segment (fdatasync'ed, so only the last segment can ever end in a
+    /// torn record) and starts a new one named by the next sequence number.
+    pub fn rotate(&mut self) -> io::Result<()> {
+        let active = self.active();
+        self.health.fdatasync(&active.file, &active.path)?;
+        let first_seq = self.next_seq;
+        let (path, file) = create_segment(&self.dir, &self.identity, first_seq, &self.health)
+            .map_err(io::Error::other)?;
+        self.segments.push_back(SegmentState {
+            first_seq,
+            last_seq: first_seq - 1,
+            first_time_ns: 0,
+            last_time_ns: 0,
+            bytes: format::SEGMENT_HEADER_LEN as u64,
+            synced_to: 0,
+            path,
+            file: Arc::new(file),
+        });
+        tracing::debug!(first_seq, "journal segment started");
+        Ok(())
+    }
+}
+
+/// Creates segment `first_seq` with its header, durable (file and directory entry).
+fn create_segment(
+    dir: &Path,
+    identity: &Identity,
+    first_seq: u64,
+    health: &Health,
+) -> Result<(PathBuf, File), JournalError> {
+    let path = dir::segment_path(dir, first_seq);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(JournalError::io(&path))?;
+    write_segment_header(&file, &path, identity, first_seq)?;
+    health.observe(SyncEvent::File(&path));
+    sealvm_os::durable::sync_dir(dir).map_err(JournalError::io(dir))?;
+    health.observe(SyncEvent::Dir(dir));
+    Ok((path, file))
+}
+
+fn write_segment_header(
+    file: &File,
+    path: &Path,
+    identity: &Identity,
+    first_seq: u64,
+) -> Result<(), JournalError> {
+    let header = format::encode_segment_header(&SegmentHeader {
+        identity: *identity,
+        first_seq,
+    });
+    file.write_all_at(&header, 0)
+        .and_then(|()| file.sync_data())
+        .map_err(JournalError::io(path))
+}
