@@ -22,7 +22,7 @@ enum Command {
     /// Manage the helper disk's `sealvm-sealed` partition.
     HelperPartition(cli::helper_partition::HelperPartitionArgs),
     /// Boot a VM (--kernel or --config), or launch a sealed bundle on an attested host
-    /// (--bundle; --attest-only prints the report).
+    /// (--bundle; --attest-only verifies host and bundle without booting and prints the report).
     Run(Box<cli::run::RunArgs>),
 }
 
