@@ -60,17 +60,8 @@ fn windows(socket: &Path) -> Result<f64> {
     for _ in 0..ROUNDS {
         let start = Instant::now();
         client.execute("guest-fsfreeze-freeze", None, TIMEOUT)?;
-        let mid = start.elapsed();
         client.execute("guest-fsfreeze-thaw", None, TIMEOUT)?;
-        let p = Instant::now();
         client.execute("guest-ping", None, TIMEOUT)?;
-        eprintln!(
-            "DEBUG {} freeze {:?} thaw {:?} ping {:?}",
-            socket.display(),
-            mid,
-            start.elapsed() - mid,
-            p.elapsed()
-        );
         samples.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(200));
     }
