@@ -1,20 +1,24 @@
 //! The kit sealvm's integration tests and `cargo xtask` share: where the guest images and
 //! binaries are, what this host can virtualize, a launcher for the Linux guest under QEMU,
-//! and the processes tests stand up beside the product (swtpm as the host TPM, daemons).
+//! and the processes tests stand up beside the product (swtpm as the host TPM, daemons, a
+//! vhost-user-blk load generator). It depends on no product crate, so xtask can use it on a
+//! machine where nothing is installed yet.
 //!
 //! It does not build anything: `cargo xtask images` builds the guest images and
 //! `cargo build` the binaries; the kit only finds them and says what to run when they are
 //! missing.
 
 pub mod background;
+pub mod command;
 pub mod console;
 pub mod host;
+pub mod loadgen;
 pub mod paths;
 pub mod qemu;
 pub mod sealvm_vm;
 pub mod swtpm;
 
-pub use background::Background;
+pub use background::{Background, BlkDaemon};
 pub use console::Console;
 pub use host::Accel;
 pub use paths::{GuestImages, Workspace};

@@ -2,7 +2,7 @@
 //! generator) did: requests, bytes read and written, the latency histogram, and how far back
 //! the journal reaches.
 
-use sealvm_blk::loadgen::BlkDriver;
+use sealvm_testkit::loadgen::BlkDriver;
 use sealvm_testkit::Background;
 use serde_json::Value;
 use std::io::{BufRead, Write};

@@ -3,7 +3,7 @@
 //! backend killed with SIGKILL at random moments, many times, never loses a write that a
 //! completed flush acknowledged.
 
-use sealvm_blk::loadgen::{BlkDriver, LoadError};
+use sealvm_testkit::loadgen::{BlkDriver, LoadError};
 use sealvm_testkit::Background;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -126,7 +126,7 @@ fn sigkill_rounds(options: &str) {
         let mut backend = Background::sealvm_blk(&volume, &socket, None).unwrap();
         let mut driver = BlkDriver::connect(&socket, Duration::from_secs(5)).unwrap();
         // Everything a flush acknowledged is there; nothing else appeared.
-        let chunk = (sealvm_blk::loadgen::MAX_REQUEST_BYTES / 512) as u64;
+        let chunk = (sealvm_testkit::loadgen::MAX_REQUEST_BYTES / 512) as u64;
         let mut image = Vec::with_capacity((SECTORS * 512) as usize);
         for first in (0..SECTORS).step_by(chunk as usize) {
             image.extend(

@@ -3,7 +3,7 @@
 //! backwards; QEMU reads it like any disk and cannot write to it.
 
 use sealvm_blk::api;
-use sealvm_blk::loadgen::BlkDriver;
+use sealvm_testkit::loadgen::BlkDriver;
 use sealvm_testkit::{Background, QemuGuestBuilder, Workspace};
 use serde_json::json;
 use std::process::Command;

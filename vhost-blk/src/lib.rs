@@ -12,7 +12,6 @@ pub mod counters;
 pub mod device;
 pub mod image_access;
 pub mod journal;
-pub mod loadgen;
 pub mod pit;
 pub mod shutdown;
 pub mod volume;

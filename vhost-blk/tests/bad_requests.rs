@@ -1,11 +1,9 @@
 //! Malformed requests sent over a real vhost-user socket are answered with IOERR or UNSUPP,
 //! counted in the API, never reach the journal, and leave the daemon serving.
 
-mod daemon;
-
-use daemon::{moved, Daemon};
-use sealvm_blk::loadgen::{BlkDriver, RawDescriptor, Slot};
-use sealvm_virtio_blk::request::{status, types};
+use sealvm_testkit::background::{counter_moved as moved, BlkDaemon as Daemon};
+use sealvm_testkit::loadgen::{status, types};
+use sealvm_testkit::loadgen::{BlkDriver, RawDescriptor, Slot};
 use std::time::Duration;
 
 const SLOT: Slot = Slot(0);
@@ -54,12 +52,12 @@ fn malformed_requests_get_error_status_and_are_counted() {
         base.display(),
         dir.path().join("vol.journal").display()
     );
-    let mut daemon = Daemon::serve(dir.path(), "vol", &spec);
+    let mut daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
     let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
     let capacity = driver.capacity_sectors();
     still_serves(&mut driver, 0, 0xa5);
     driver.flush().unwrap();
-    let before = daemon.counters();
+    let before = daemon.counters().expect("counters");
     let outside = 1u64 << 40;
     let header = readable(BlkDriver::header_addr(SLOT), 16);
 
@@ -107,7 +105,7 @@ fn malformed_requests_get_error_status_and_are_counted() {
     still_serves(&mut driver, 16, 5);
     assert!(daemon.is_running());
 
-    let after = daemon.counters();
+    let after = daemon.counters().expect("counters");
     let m = |key| moved(&before, &after, key);
     assert_eq!(m("/guest-errors"), 5, "{after}");
     assert_eq!(m("/io-errors"), 0, "{after}");
@@ -128,9 +126,9 @@ fn a_write_to_a_read_only_volume_fails_and_is_counted() {
     let image = dir.path().join("ro.raw");
     std::fs::write(&image, vec![0x5au8; 1 << 20]).unwrap();
     let spec = format!("ro={},readonly", image.display());
-    let mut daemon = Daemon::serve(dir.path(), "ro", &spec);
+    let mut daemon = Daemon::serve(dir.path(), "ro", &spec).expect("start sealvm-blk");
     let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
-    let before = daemon.counters();
+    let before = daemon.counters().expect("counters");
     driver.write_header(SLOT, types::OUT, 0);
     driver.write_guest(BlkDriver::data_addr(SLOT), &[0u8; 512]);
     let chain = [
@@ -141,7 +139,7 @@ fn a_write_to_a_read_only_volume_fails_and_is_counted() {
     assert_eq!(answer(&mut driver, &chain), status::IOERR);
     assert_eq!(driver.read(0, 512).unwrap(), vec![0x5a; 512]);
     assert!(daemon.is_running());
-    let after = daemon.counters();
+    let after = daemon.counters().expect("counters");
     assert_eq!(moved(&before, &after, "/guest-errors"), 1, "{after}");
     assert_eq!(
         moved(&before, &after, "/requests-by-kind/rejected"),

@@ -3,10 +3,8 @@
 //! It refuses backends without REPLY_ACK, CONFIG and CONFIGURE_MEM_SLOTS, so this is also
 //! the test that sealvm-blk offers them.
 
-mod daemon;
-
 use blkio::{Blkio, Completion, ReqFlags};
-use daemon::{moved, Daemon};
+use sealvm_testkit::background::{counter_moved as moved, BlkDaemon as Daemon};
 use std::mem::MaybeUninit;
 
 /// Runs one request already queued on `queue` and returns its result (0 or -errno).
@@ -28,7 +26,7 @@ fn a_libblkio_client_writes_flushes_discards_and_reads_back() {
         image.display(),
         dir.path().join("vol.journal").display()
     );
-    let daemon = Daemon::serve(dir.path(), "vol", &spec);
+    let daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
 
     let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
     blkio
@@ -53,10 +51,17 @@ fn a_libblkio_client_writes_flushes_discards_and_reads_back() {
     }
     queue.write(0, buf.as_ptr(), 64 << 10, 1, ReqFlags::empty());
     assert_eq!(complete(queue), 0, "write");
-    let before = daemon.counters();
+    let before = daemon.counters().expect("counters");
     queue.flush(2, ReqFlags::empty());
     assert_eq!(complete(queue), 0, "flush");
-    assert_eq!(moved(&before, &daemon.counters(), "/journal-syncs"), 1);
+    assert_eq!(
+        moved(
+            &before,
+            &daemon.counters().expect("counters"),
+            "/journal-syncs"
+        ),
+        1
+    );
 
     let read_at = half;
     queue.read(
@@ -70,10 +75,14 @@ fn a_libblkio_client_writes_flushes_discards_and_reads_back() {
     assert_eq!(buf[read_at..read_at + (64 << 10)], buf[..64 << 10]);
 
     // A discard of 1 MiB is one small journal record, and reads back as zeroes.
-    let before = daemon.counters();
+    let before = daemon.counters().expect("counters");
     queue.discard(1 << 20, 1 << 20, 4, ReqFlags::empty());
     assert_eq!(complete(queue), 0, "discard");
-    let grew = moved(&before, &daemon.counters(), "/journal-bytes");
+    let grew = moved(
+        &before,
+        &daemon.counters().expect("counters"),
+        "/journal-bytes",
+    );
     assert!(
         grew <= 64,
         "a 1 MiB discard grew the journal by {grew} bytes"

@@ -2,10 +2,8 @@
 //! journal passes the volume's consumer budget it is marked for resync, folding goes on,
 //! and the API and `pit list` say so.
 
-mod daemon;
-
-use daemon::Daemon;
-use sealvm_blk::loadgen::BlkDriver;
+use sealvm_testkit::background::BlkDaemon as Daemon;
+use sealvm_testkit::loadgen::BlkDriver;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -14,7 +12,9 @@ fn api(daemon: &Daemon, request: Value) -> Value {
 }
 
 fn journal_bytes(daemon: &Daemon) -> u64 {
-    daemon.counters()["journal-bytes"].as_u64().unwrap()
+    daemon.counters().expect("counters")["journal-bytes"]
+        .as_u64()
+        .unwrap()
 }
 
 /// Waits until `done` holds, or fails after 10 s with what `describe` says.
@@ -37,7 +37,7 @@ fn a_lagging_consumer_holds_folding_until_the_budget_then_is_marked_for_resync()
         image.display(),
         journal.display()
     );
-    let daemon = Daemon::serve(dir.path(), "vol", &spec);
+    let daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
     let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
     let made = api(
         &daemon,

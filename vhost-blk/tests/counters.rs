@@ -1,11 +1,9 @@
 //! The API's counters move by exactly what real I/O over the vhost-user socket did.
 
-mod daemon;
-
-use daemon::{moved, Daemon};
 use sealvm_blk::journal::format::record_len;
 use sealvm_blk::journal::now_ns;
-use sealvm_blk::loadgen::BlkDriver;
+use sealvm_testkit::background::{counter_moved as moved, BlkDaemon as Daemon};
+use sealvm_testkit::loadgen::BlkDriver;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -19,13 +17,13 @@ fn counters_follow_reads_writes_flushes_and_the_journal() {
         base.display(),
         dir.path().join("vol.journal").display()
     );
-    let daemon = Daemon::serve(dir.path(), "vol", &spec);
-    let empty = daemon.counters();
+    let daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
+    let empty = daemon.counters().expect("counters");
     assert_eq!(empty["journal-bytes"], 0, "{empty}");
     assert_eq!(empty["oldest-seq"], Value::Null, "{empty}");
 
     let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
-    let before = daemon.counters();
+    let before = daemon.counters().expect("counters");
     let started_ns = now_ns();
     for i in 0..5u64 {
         driver.write(i * 8, &[i as u8 + 1; 4096]).unwrap();
@@ -39,7 +37,7 @@ fn counters_follow_reads_writes_flushes_and_the_journal() {
     }
     driver.flush().unwrap();
     let finished_ns = now_ns();
-    let after = daemon.counters();
+    let after = daemon.counters().expect("counters");
 
     let m = |key| moved(&before, &after, key);
     assert_eq!(m("/requests"), 10, "{after}");
@@ -79,7 +77,7 @@ fn counters_follow_reads_writes_flushes_and_the_journal() {
     // A bookmark is a record too (made durable, so a sync point follows it); the oldest
     // point stays where it was.
     sealvm_blk::api::call(&daemon.api, json!({"command": "bookmark", "name": "b1"})).unwrap();
-    let bookmarked = daemon.counters();
+    let bookmarked = daemon.counters().expect("counters");
     assert_eq!(
         moved(&after, &bookmarked, "/journal-bytes"),
         record_len(2) + record_len(8),
@@ -104,15 +102,15 @@ fn oldest_point_survives_a_restart() {
         dir.path().join("vol.journal").display()
     );
     let first = {
-        let daemon = Daemon::serve(dir.path(), "vol", &spec);
+        let daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
         let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
         driver.write(0, &[7; 512]).unwrap();
         driver.write(1, &[8; 512]).unwrap();
         driver.flush().unwrap();
-        daemon.counters()
+        daemon.counters().expect("counters")
     };
-    let daemon = Daemon::serve(dir.path(), "vol", &spec);
-    let reopened = daemon.counters();
+    let daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
+    let reopened = daemon.counters().expect("counters");
     assert_eq!(reopened["oldest-seq"], 1);
     assert_eq!(reopened["oldest-time-ns"], first["oldest-time-ns"]);
     assert_eq!(reopened["last-seq"], 2);

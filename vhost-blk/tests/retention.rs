@@ -2,10 +2,8 @@
 //! journal within the limit set over the API, folds old history in the background while
 //! writes go on, and every point in time still within reach restores exactly.
 
-mod daemon;
-
-use daemon::Daemon;
-use sealvm_blk::loadgen::BlkDriver;
+use sealvm_testkit::background::BlkDaemon as Daemon;
+use sealvm_testkit::loadgen::BlkDriver;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,7 +33,7 @@ fn retention_folds_history_in_the_background_and_later_points_stay_exact() {
         image.display(),
         journal.display()
     );
-    let daemon = Daemon::serve(dir.path(), "vol", &spec);
+    let daemon = Daemon::serve(dir.path(), "vol", &spec).expect("start sealvm-blk");
     let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
 
     // The model of the volume, and a copy of it at a bookmark made late in the run.
@@ -76,7 +74,7 @@ fn retention_folds_history_in_the_background_and_later_points_stay_exact() {
     driver.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let counters = loop {
-        let counters = daemon.counters();
+        let counters = daemon.counters().expect("counters");
         if counters["journal-bytes"].as_u64().unwrap() <= 256 * 1024 {
             break counters;
         }
@@ -99,7 +97,7 @@ fn retention_folds_history_in_the_background_and_later_points_stay_exact() {
     );
 
     // The guest's view never changed.
-    let chunk = (sealvm_blk::loadgen::MAX_REQUEST_BYTES / 512) as u64;
+    let chunk = (sealvm_testkit::loadgen::MAX_REQUEST_BYTES / 512) as u64;
     let mut read = Vec::new();
     for first in (0..SECTORS).step_by(chunk as usize) {
         read.extend(

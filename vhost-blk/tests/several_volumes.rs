@@ -1,6 +1,6 @@
 //! One `sealvm-blk serve` process serving several volumes from a config file, each on its
 //! own socket, with one API; a bookmark across them is one consistent point for the group.
-use sealvm_blk::loadgen::BlkDriver;
+use sealvm_testkit::loadgen::BlkDriver;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,9 +1,9 @@
 //! SIGTERM and SIGINT stop `serve` cleanly: every journal is made durable (a sync point
 //! covering every record ends it) and the process exits 0.
 
-use sealvm_blk::loadgen::BlkDriver;
 use sealvm_journal::format::{self, RecordKind};
 use sealvm_journal::reader::Reader;
+use sealvm_testkit::loadgen::BlkDriver;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

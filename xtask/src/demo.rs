@@ -2,9 +2,9 @@
 //! a journaled sealvm-blk volume, an application-consistent bookmark through sealvm-agent,
 //! and a deleted file recovered from that point in time.
 
-use crate::process::{self, step};
 use crate::{images, setup};
 use anyhow::{bail, ensure, Context, Result};
+use sealvm_testkit::command::{self as process, step};
 use sealvm_testkit::{Accel, Background, QemuGuest, QemuGuestBuilder, Workspace};
 use std::process::Command;
 

@@ -3,8 +3,8 @@
 //! refusal. Booting the bundle is the VMM's part and joins the demo when it lands.
 
 use crate::images;
-use crate::process::{run, step};
 use anyhow::{Context, Result};
+use sealvm_testkit::command::{run, step};
 use sealvm_testkit::SwtpmProcess;
 use sealvm_testkit::Workspace;
 use std::process::Command;

@@ -2,8 +2,8 @@
 //! journaled sealvm-blk volume reached through sealvm's vhost-user-blk frontend.
 
 use crate::images;
-use crate::process::{self, step};
 use anyhow::{ensure, Context, Result};
+use sealvm_testkit::command::{self as process, step};
 use sealvm_testkit::{Background, SealvmVm, Workspace};
 use std::process::Command;
 use std::time::Duration;

@@ -1,17 +1,11 @@
 //! `cargo xtask`: set-up, guest images, demo, test and bench for the sealvm workspace.
 
 mod bench;
-mod bench_agent;
-mod bench_blk;
-mod bench_bundle;
-mod bench_journal;
-mod bench_vmm;
 mod cpio;
 mod demo;
 mod demo_bundle;
 mod demo_vmm;
 mod images;
-mod process;
 mod setup;
 mod test;
 
@@ -53,6 +47,6 @@ fn main() -> anyhow::Result<()> {
         Task::Images => images::build_all(&workspace).map(|_| ()),
         Task::Demo => demo::run(&workspace),
         Task::Test => test::run(&workspace),
-        Task::Bench { only } => bench::run(&workspace, only.as_deref()),
+        Task::Bench { only } => bench::run_benchmarks(&workspace, only.as_deref()),
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: install the Debian packages the tests and the demo use.
 
-use crate::process::{self, output, step};
 use anyhow::{bail, Result};
+use sealvm_testkit::command::{self as process, output, step};
 use std::process::Command;
 
 /// Debian packages sealvm's tests, demo and benchmarks need, with what each is for.
@@ -51,6 +51,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "virsh, the client the agent tests drive libvirt with",
     ),
     (
+        "udev",
+        "needed by libtss2's tpm-udev; named so it comes from QEMU's suite, whose libudev1 it must match",
+    ),
+    (
         "python3-venv",
         "a private venv for QEMU's qemu.qmp client in the agent tests",
     ),
@@ -64,6 +68,9 @@ const FOLLOW_QEMU_SUITE: &[&str] = &[
     "libvirt-daemon-driver-qemu",
     "libvirt-daemon-log",
     "libvirt-clients",
+    // QEMU from backports brings libudev1 from there; bookworm's udev (which libtss2-dev
+    // pulls in through tpm-udev) then cannot be installed beside it.
+    "udev",
 ];
 
 /// Where the backports suite is written when QEMU must come from it.

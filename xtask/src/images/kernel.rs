@@ -1,8 +1,8 @@
 //! The Debian cloud kernel: fetched with `apt-get download`, unpacked with `dpkg -x`, never
 //! installed on the host.
 
-use crate::process::{output, run, step};
 use anyhow::{bail, Context, Result};
+use sealvm_testkit::command::{output, run, step};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,10 +4,10 @@
 use super::kernel;
 use super::{InputDigest, Stamp};
 use crate::cpio::Archive;
-use crate::process::{run, step};
 use anyhow::{bail, Context, Result};
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use sealvm_testkit::command::{run, step};
 use sealvm_testkit::{GuestImages, Workspace};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -196,7 +196,7 @@ fn host_programs(list: &Path) -> Result<Vec<PathBuf>> {
                 program.display()
             );
         }
-        let ldd = crate::process::output(Command::new("ldd").arg(&program))?;
+        let ldd = sealvm_testkit::command::output(Command::new("ldd").arg(&program))?;
         files.push(program);
         for line in ldd.lines() {
             // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux... (0x...)"

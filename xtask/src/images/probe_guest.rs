@@ -2,8 +2,8 @@
 //! (see images/probe-guest/README.md).
 
 use super::{InputDigest, Stamp};
-use crate::process::{run, step};
 use anyhow::Result;
+use sealvm_testkit::command::{run, step};
 use sealvm_testkit::Workspace;
 use std::path::PathBuf;
 use std::process::Command;

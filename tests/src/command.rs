@@ -1,4 +1,4 @@
-//! Running commands from xtask with one clear error when they fail.
+//! Running commands from xtask, the benchmarks and tests with one clear error when they fail.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;

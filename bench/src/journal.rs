@@ -3,10 +3,10 @@
 //! use, which nobody here wrote), with the journal off and on; the index's memory per
 //! written extent; and how much a whole-device discard grows the journal.
 
-use crate::bench::Row;
-use crate::process::{self, step};
+use crate::table::Row;
 use anyhow::{anyhow, ensure, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use sealvm_testkit::command::{self as process, step};
 use sealvm_testkit::{Background, Workspace};
 use serde_json::json;
 use std::mem::MaybeUninit;

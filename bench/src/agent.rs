@@ -2,11 +2,11 @@
 //! thaw's answer, with a busy writer on an ext4 filesystem in the guest, for sealvm-agent and
 //! for Debian's qemu-guest-agent in the same guest.
 
-use crate::bench::{median, millis, Row};
-use crate::images::Built;
-use crate::process::step;
+use crate::table::{median, millis, Row};
+use crate::Built;
 use anyhow::{ensure, Context, Result};
 use sealvm_agent::AgentClient;
+use sealvm_testkit::command::step;
 use sealvm_testkit::QemuGuestBuilder;
 use std::path::Path;
 use std::process::Command;

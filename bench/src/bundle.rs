@@ -3,9 +3,9 @@
 //! (attest, unseal, open, the guest's swtpm start) against swtpm; the whole launch to the
 //! guest's first serial line is a row of bench_vmm.
 
-use crate::bench::Row;
-use crate::process::{output, step};
+use crate::table::Row;
 use anyhow::{anyhow, Context, Result};
+use sealvm_testkit::command::{output, step};
 use sealvm_testkit::Workspace;
 use std::process::Command;
 

@@ -6,13 +6,12 @@
 //! history): `pit restore` time against the journal's length, and `pit expose` retarget
 //! time against the records between the two points.
 
-use crate::bench::Row;
-use crate::process::{self, step};
+use crate::table::Row;
 use anyhow::{ensure, Result};
-use sealvm_blk::loadgen::{BlkDriver, Slot};
 use sealvm_blk::volume::JournaledVolume;
+use sealvm_testkit::command::{self as process, step};
+use sealvm_testkit::loadgen::{types, BlkDriver, Slot};
 use sealvm_testkit::{Background, Workspace};
-use sealvm_virtio_blk::request::types;
 use sealvm_virtio_blk::BlockBackend;
 use serde_json::json;
 use std::path::Path;

@@ -2,10 +2,10 @@
 //! from starting the VMM to the guest's first serial line, and the VMM's memory overhead
 //! (peak RSS minus the guest memory it touched, which both keep in a shared memfd).
 
-use crate::bench::{median, millis, Row};
-use crate::images;
-use crate::process::step;
+use crate::table::{median, millis, Row};
+
 use anyhow::{Context, Result};
+use sealvm_testkit::command::step;
 use sealvm_testkit::{SealvmVm, Workspace};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,10 +35,10 @@ fn measure(mut start: impl FnMut() -> Result<SealvmVm>) -> Result<Sample> {
 }
 
 /// The rows: first serial line (ms) and memory overhead (MiB), median of five runs each.
-pub fn rows(workspace: &Workspace, built: &images::Built) -> Result<Vec<Row>> {
+pub fn rows(workspace: &Workspace, built: &crate::Built) -> Result<Vec<Row>> {
     // Measured as users run it: the release build (a debug binary maps ~5 MiB more).
     step("bench: building sealvm (release)");
-    crate::process::run(
+    sealvm_testkit::command::run(
         Command::new(env!("CARGO"))
             .current_dir(workspace.root())
             .args(["build", "--release", "--quiet", "-p", "sealvm"]),
@@ -147,8 +147,12 @@ fn sealed_launch(sealvm: &std::path::Path, probe: &std::path::Path) -> Result<f6
     let helper = dir.path().join("helper.img");
     let bundle = dir.path().join("bench.svm");
     let p = |p: &std::path::Path| p.display().to_string();
-    crate::process::run(Command::new(sealvm).args(["helper-partition", "init", &p(&helper)]))?;
-    crate::process::run(Command::new(sealvm).args([
+    sealvm_testkit::command::run(Command::new(sealvm).args([
+        "helper-partition",
+        "init",
+        &p(&helper),
+    ]))?;
+    sealvm_testkit::command::run(Command::new(sealvm).args([
         "bundle",
         "create",
         &p(&bundle),
