@@ -221,6 +221,13 @@ impl StreamState {
     }
 
     fn check_hello(&self, hello: &Hello) -> Result<(), StreamError> {
+        // The name names the replica's folder: one plain path component, nothing else.
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if hello.name.is_empty() || !hello.name.chars().all(plain) || hello.name.starts_with('.') {
+            return Err(StreamError::BadVolume(
+                "the name is not letters, digits, '-', '_' and '.' (not first)",
+            ));
+        }
         if let Some(permitted) = &self.permitted {
             if !permitted.contains(&hello.name) {
                 return Err(StreamError::NotPermitted(hello.name.clone()));
@@ -485,6 +492,19 @@ mod tests {
             state.accept(&other),
             Err(StreamError::IdentityMismatch { what: "volume", .. })
         ));
+
+        for name in ["../etc", "a/b", ".hidden", ""] {
+            let Message::Hello(mut bad) = hello() else {
+                unreachable!()
+            };
+            bad.name = name.into();
+            let bad = Message::Hello(bad);
+            let mut state = StreamState::new(None, 0, None);
+            assert!(
+                matches!(state.accept(&bad), Err(StreamError::BadVolume(_))),
+                "{name:?}"
+            );
+        }
 
         let mut state = StreamState::new(Some(held()), 0, Some(vec!["logs".into()]));
         assert_eq!(
