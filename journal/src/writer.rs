@@ -520,6 +520,40 @@ impl Writer {
         offset: u64,
         payload: &[u8],
     ) -> io::Result<Appended> {
+        self.append_timed(kind, offset, payload, dir::now_ns())
+    }
+
+    /// Appends a record a replica received from its primary, with the primary's seq and
+    /// time, so the replica's points in time and bookmarks are the primary's. `seq` must be
+    /// the journal's next one ([`Writer::next_seq`]); anything else is refused, and the
+    /// journal is unchanged.
+    pub fn append_replicated(
+        &mut self,
+        kind: RecordKind,
+        seq: u64,
+        time_ns: u64,
+        offset: u64,
+        payload: &[u8],
+    ) -> io::Result<Appended> {
+        if kind == RecordKind::Sync || seq != self.next_seq {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a replicated {kind:?} record with seq {seq} does not follow seq {}",
+                    self.next_seq - 1
+                ),
+            ));
+        }
+        self.append_timed(kind, offset, payload, time_ns)
+    }
+
+    fn append_timed(
+        &mut self,
+        kind: RecordKind,
+        offset: u64,
+        payload: &[u8],
+        time_ns: u64,
+    ) -> io::Result<Appended> {
         self.health.check()?;
         let len = format::record_len(payload.len() as u32);
         let active = self.active();
@@ -532,7 +566,6 @@ impl Writer {
         } else {
             self.next_seq
         };
-        let time_ns = dir::now_ns();
         let record = NewRecord {
             kind,
             seq,

@@ -13,5 +13,6 @@ pub mod device;
 pub mod image_access;
 pub mod journal;
 pub mod pit;
+pub mod replication;
 pub mod shutdown;
 pub mod volume;

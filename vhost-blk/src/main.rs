@@ -96,6 +96,10 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Keep replicas of volumes other hosts replicate here (DIR/NAME/ for each).
+    Receive(sealvm_blk::replication::ReceiveArgs),
+    /// Ship a volume's journal to a receiver, resuming where the replica stands.
+    Replicate(sealvm_blk::replication::ReplicateArgs),
 }
 
 #[derive(Subcommand)]
@@ -228,6 +232,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Receive(args) => sealvm_blk::replication::receive(args),
+        Command::Replicate(args) => sealvm_blk::replication::replicate(args),
         Command::Pit { command } => match command {
             PitCommand::List { journal, json } => pit_list(&journal, json),
             PitCommand::Expose {
