@@ -23,6 +23,7 @@ pub mod fuzzing;
 pub mod receiver;
 pub mod sender;
 pub mod stream;
+pub mod tls;
 pub mod wire;
 
 pub use decoder::{DecodeError, Decoder};

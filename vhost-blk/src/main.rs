@@ -100,6 +100,17 @@ enum Command {
     Receive(sealvm_blk::replication::ReceiveArgs),
     /// Ship a volume's journal to a receiver, resuming where the replica stands.
     Replicate(sealvm_blk::replication::ReplicateArgs),
+    /// Certificates for replication's mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a CA, a receiver certificate and sender certificates (a test or small site).
+    Init(sealvm_blk::replication::CertsInitArgs),
 }
 
 #[derive(Subcommand)]
@@ -234,6 +245,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Receive(args) => sealvm_blk::replication::receive(args),
         Command::Replicate(args) => sealvm_blk::replication::replicate(args),
+        Command::Certs {
+            command: CertsCommand::Init(args),
+        } => sealvm_blk::replication::certs_init(args),
         Command::Pit { command } => match command {
             PitCommand::List { journal, json } => pit_list(&journal, json),
             PitCommand::Expose {

@@ -40,11 +40,36 @@ fn receive_once(dir: &Path, allow: &[&str]) -> (Child, String) {
     (command.spawn().unwrap(), addr)
 }
 
+/// `sealvm-blk receive --once` with mutual TLS from the certificates in `certs`.
+fn receive_once_tls(dir: &Path, certs: &Path, allow: &[&str]) -> (Child, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut command = blk();
+    command
+        .args(["receive", "--once", "--listen", &addr, "--dir"])
+        .arg(dir)
+        .arg("--tls-cert")
+        .arg(certs.join("receiver.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("receiver.key"))
+        .arg("--client-ca")
+        .arg(certs.join("ca.pem"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for rule in allow {
+        command.args(["--allow", rule]);
+    }
+    (command.spawn().unwrap(), addr)
+}
+
 fn wait(child: Child) -> Output {
     child.wait_with_output().unwrap()
 }
 
 fn replicate_once(journal: &Path, name: &str, to: &str) -> Output {
+    replicate_once_with(journal, name, to, &[])
+}
+
+fn replicate_once_with(journal: &Path, name: &str, to: &str, extra: &[String]) -> Output {
     // The receiver may still be starting: try for a few seconds.
     for _ in 0..100 {
         let out = blk()
@@ -59,6 +84,7 @@ fn replicate_once(journal: &Path, name: &str, to: &str) -> Output {
                 "--journal",
             ])
             .arg(journal)
+            .args(extra)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -187,4 +213,102 @@ fn a_receiver_refuses_a_volume_it_does_not_allow() {
     );
     assert!(!wait(receiver).status.success());
     assert!(!replicas.join("vol").exists());
+}
+
+fn certs_init(dir: &Path, senders: &[&str]) {
+    let mut command = blk();
+    command.args(["certs", "init", "--dir"]).arg(dir);
+    for sender in senders {
+        command.args(["--sender", sender]);
+    }
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sender_tls(certs: &Path, sender: &str, ca: &Path) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        certs
+            .join(format!("sender-{sender}.pem"))
+            .display()
+            .to_string(),
+        "--tls-key".into(),
+        certs
+            .join(format!("sender-{sender}.key"))
+            .display()
+            .to_string(),
+        "--ca".into(),
+        ca.display().to_string(),
+    ]
+}
+
+#[test]
+fn mutual_tls_admits_only_the_sender_a_volume_is_assigned_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, base, journal) = setup(dir.path());
+    let mut driver = BlkDriver::connect(&daemon.socket, Duration::from_secs(10)).unwrap();
+    write_pattern(&mut driver, 7);
+    let certs = dir.path().join("certs");
+    certs_init(&certs, &["site-a", "site-b"]);
+    let ca = certs.join("ca.pem");
+    let other = dir.path().join("other-ca");
+    certs_init(&other, &["site-a"]);
+    let replicas = dir.path().join("replicas");
+    let rule = ["site-a:vol"];
+
+    // No certificate: the handshake fails, nothing is written.
+    let (receiver, addr) = receive_once_tls(&replicas, &certs, &rule);
+    let out = replicate_once(&journal, "vol", &addr);
+    assert!(!out.status.success(), "a plain sender got through");
+    assert!(!wait(receiver).status.success());
+    // A certificate named site-a, but from another CA.
+    let (receiver, addr) = receive_once_tls(&replicas, &certs, &rule);
+    let out = replicate_once_with(&journal, "vol", &addr, &sender_tls(&other, "site-a", &ca));
+    assert!(
+        !out.status.success(),
+        "a foreign CA's certificate got through"
+    );
+    assert!(!wait(receiver).status.success());
+    // site-b is a good certificate, but vol is assigned to site-a.
+    let (receiver, addr) = receive_once_tls(&replicas, &certs, &rule);
+    let out = replicate_once_with(&journal, "vol", &addr, &sender_tls(&certs, "site-b", &ca));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("may not replicate volume \"vol\""),
+        "{stderr}"
+    );
+    assert!(!wait(receiver).status.success());
+    assert!(
+        !replicas.join("vol").exists(),
+        "a refused sender created a replica"
+    );
+
+    // site-a gets through and the replica is the primary.
+    let (receiver, addr) = receive_once_tls(&replicas, &certs, &rule);
+    let shipped = report(&replicate_once_with(
+        &journal,
+        "vol",
+        &addr,
+        &sender_tls(&certs, "site-a", &ca),
+    ));
+    let received = wait(receiver);
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert_eq!(shipped["records"], 64);
+    let primary = restore(&base, &journal, "latest", &dir.path().join("p.raw"));
+    let replica = restore(
+        &replicas.join("vol").join("base.raw"),
+        &replicas.join("vol").join("journal"),
+        "latest",
+        &dir.path().join("r.raw"),
+    );
+    assert!(primary == replica, "the replica differs from the primary");
 }
