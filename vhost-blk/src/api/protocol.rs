@@ -475,9 +475,45 @@ mod tests {
         );
     }
 
+    fn journal_counters() -> JournalCounters {
+        JournalCounters {
+            journal_bytes: 8344,
+            journal_segments: 1,
+            folded_through_seq: 0,
+            folded_segments: 0,
+            last_seq: 2,
+            oldest_seq: Some(1),
+            oldest_time_ns: Some(7),
+            journal_writes: 2,
+            journal_flushes: 1,
+            journal_syncs: 1,
+        }
+    }
+
+    #[test]
+    fn counters_read_back_as_they_were_sent() {
+        let mut counters = plain_counters();
+        let sent = serde_json::to_value(&counters).unwrap();
+        assert_eq!(serde_json::from_value::<Counters>(sent).unwrap(), counters);
+        counters.journal = Some(journal_counters());
+        let sent = serde_json::to_value(&counters).unwrap();
+        assert_eq!(sent["journal-bytes"], 8344);
+        assert_eq!(serde_json::from_value::<Counters>(sent).unwrap(), counters);
+    }
+
     #[test]
     fn counters_of_a_plain_volume_have_no_journal_fields() {
-        let counters = Counters {
+        let value = serde_json::to_value(plain_counters()).unwrap();
+        assert_eq!(value["requests-by-kind"]["read"], 1);
+        assert_eq!(
+            value["latency-us-log2"],
+            json!([{"from-us": 4, "count": 1}])
+        );
+        assert!(value.get("journal-bytes").is_none(), "{value}");
+    }
+
+    fn plain_counters() -> Counters {
+        Counters {
             device: DeviceCounters {
                 requests: 1,
                 requests_by_kind: RequestsByKind {
@@ -499,13 +535,6 @@ mod tests {
                 }],
             },
             journal: None,
-        };
-        let value = serde_json::to_value(&counters).unwrap();
-        assert_eq!(value["requests-by-kind"]["read"], 1);
-        assert_eq!(
-            value["latency-us-log2"],
-            json!([{"from-us": 4, "count": 1}])
-        );
-        assert!(value.get("journal-bytes").is_none(), "{value}");
+        }
     }
 }
