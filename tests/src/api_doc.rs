@@ -11,6 +11,10 @@
 
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
 
 /// One documented request and its answer.
 #[derive(Debug, Clone)]
@@ -31,6 +35,43 @@ impl Example {
         let request: Value = serde_json::from_str(&self.request).ok()?;
         request.get("command")?.as_str().map(str::to_string)
     }
+}
+
+/// True when `socat` is on the PATH, so examples can run exactly as the page writes them.
+pub fn have_socat() -> bool {
+    Command::new("socat")
+        .arg("-V")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Sends `example` to the socket of its name in `dir` and returns the answer line (without
+/// its newline): with `socat` when `use_socat` (the page's own command line, run by `sh` in
+/// `dir`), otherwise as `socat` would, on a fresh connection.
+pub fn send(dir: &Path, example: &Example, use_socat: bool) -> std::io::Result<String> {
+    let mut line = String::new();
+    if use_socat {
+        let output = Command::new("sh")
+            .current_dir(dir)
+            .arg("-c")
+            .arg(format!(
+                "echo '{}' | socat - UNIX-CONNECT:{}",
+                example.request, example.socket
+            ))
+            .output()?;
+        if !output.status.success() {
+            return Err(std::io::Error::other(format!(
+                "socat failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        line = String::from_utf8_lossy(&output.stdout).into_owned();
+    } else {
+        let mut stream = UnixStream::connect(dir.join(&example.socket))?;
+        writeln!(stream, "{}", example.request)?;
+        BufReader::new(stream).read_line(&mut line)?;
+    }
+    Ok(line.trim_end().to_string())
 }
 
 /// Why a page's examples could not be read.

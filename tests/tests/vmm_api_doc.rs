@@ -9,8 +9,6 @@ use sealvm_os::api_socket::{Answer, Client, ErrorCode, MAX_REQUEST_LINE};
 use sealvm_testkit::api_doc::{self, Example};
 use sealvm_testkit::{SealvmVm, Workspace};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -70,17 +68,6 @@ fn start_vm(dir: &Path, sealvm: &Path, probe: &Path) -> SealvmVm {
     vm
 }
 
-/// Sends one example as `socat` would: a fresh connection, the line, one answer line.
-fn send(socket: &Path, example: &Example) -> (Value, String) {
-    let mut stream = UnixStream::connect(socket).expect("connect to the API socket");
-    writeln!(stream, "{}", example.request).unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    let answer = serde_json::from_str(&line)
-        .unwrap_or_else(|e| panic!("the answer {line:?} is not JSON: {e}"));
-    (answer, line.trim_end().to_string())
-}
-
 #[test]
 fn every_documented_example_answers_as_documented() {
     let (sealvm, probe) = match prerequisites() {
@@ -94,7 +81,10 @@ fn every_documented_example_answers_as_documented() {
     assert!(!examples.is_empty(), "API.md has no examples");
     let dir = tempfile::tempdir().unwrap();
     let mut vm = start_vm(dir.path(), &sealvm, &probe);
-    let socket = dir.path().join("vm.api");
+    let use_socat = api_doc::have_socat();
+    if !use_socat {
+        eprintln!("socat is not installed: the examples are sent without it");
+    }
     // Page order, but shutdown last: after it there is no VM to ask.
     let (last, first): (Vec<&Example>, Vec<&Example>) = examples
         .iter()
@@ -103,7 +93,10 @@ fn every_documented_example_answers_as_documented() {
     let mut wrong = Vec::new();
     for example in first.into_iter().chain(last) {
         assert_eq!(example.socket, "vm.api", "API.md line {}", example.line);
-        let (actual, line) = send(&socket, example);
+        let line = api_doc::send(dir.path(), example, use_socat)
+            .unwrap_or_else(|e| panic!("API.md line {}: {e}", example.line));
+        let actual: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("API.md line {}: {line:?} is not JSON: {e}", example.line));
         let difference = api_doc::shape_mismatch(&example.answer, &actual, EXACT_KEYS);
         // API_DOC_SHOW=1 lists every answer, to refresh the page's examples from.
         if let Some(difference) = difference.or(show.then(|| "shown".to_string())) {

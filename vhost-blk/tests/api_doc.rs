@@ -6,13 +6,11 @@
 
 use sealvm_blk::api::protocol::Request;
 use sealvm_os::api_socket::{Answer, Client, ErrorCode, MAX_REQUEST_LINE};
-use sealvm_testkit::api_doc::{self, Example};
+use sealvm_testkit::api_doc;
 use sealvm_testkit::loadgen::BlkDriver;
 use sealvm_testkit::{Background, Workspace};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -74,6 +72,8 @@ struct Daemons {
 }
 
 impl Daemons {
+    /// Starts the daemon that serves `api` (a file name in the test's folder) unless it
+    /// runs; returns the socket's path.
     fn socket_for(&mut self, api: &str) -> PathBuf {
         let name = api
             .strip_suffix(".api")
@@ -139,18 +139,6 @@ impl Daemons {
     }
 }
 
-/// Sends one example as `socat` would: a fresh connection, the line, one answer line.
-/// Returns the answer parsed and as sent.
-fn send(socket: &Path, example: &Example) -> (Value, String) {
-    let mut stream = UnixStream::connect(socket).expect("connect to the API socket");
-    writeln!(stream, "{}", example.request).unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    let answer = serde_json::from_str(&line)
-        .unwrap_or_else(|e| panic!("the answer {line:?} is not JSON: {e}"));
-    (answer, line.trim_end().to_string())
-}
-
 #[test]
 fn every_documented_example_answers_as_documented() {
     let examples = api_doc::examples(&page()).expect("API.md's examples parse");
@@ -161,10 +149,17 @@ fn every_documented_example_answers_as_documented() {
         running: BTreeMap::new(),
         _web1_driver: None,
     };
+    let use_socat = api_doc::have_socat();
+    if !use_socat {
+        eprintln!("socat is not installed: the examples are sent without it");
+    }
     let mut wrong = Vec::new();
     for example in &examples {
-        let socket = daemons.socket_for(&example.socket);
-        let (actual, line) = send(&socket, example);
+        daemons.socket_for(&example.socket);
+        let line = api_doc::send(dir.path(), example, use_socat)
+            .unwrap_or_else(|e| panic!("API.md line {}: {e}", example.line));
+        let actual: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("API.md line {}: {line:?} is not JSON: {e}", example.line));
         let difference = api_doc::shape_mismatch(&example.answer, &actual, EXACT_KEYS);
         // API_DOC_SHOW=1 lists every answer, to refresh the page's examples from.
         let show = std::env::var_os("API_DOC_SHOW").is_some();
