@@ -7,8 +7,10 @@
 use sealvm::vm::api::protocol::Request;
 use sealvm_os::api_socket::{Answer, Client, ErrorCode, MAX_REQUEST_LINE};
 use sealvm_testkit::api_doc::{self, Example};
-use sealvm_testkit::{SealvmVm, Workspace};
+use sealvm_testkit::{Background, SealvmVm, Workspace};
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -37,11 +39,26 @@ fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
     Ok((sealvm, probe))
 }
 
-/// `sealvm run` of the probe guest with one disk and the API on `DIR/vm.api`, once the
-/// probe has written, read and flushed its disk.
-fn start_vm(dir: &Path, sealvm: &Path, probe: &Path) -> SealvmVm {
+/// A `sealvm run` of the probe guest for the page's examples, and what it needs running.
+struct Vm {
+    vm: SealvmVm,
+    _backend: Background,
+    _console: UnixStream,
+}
+
+/// `sealvm run` of the probe guest with a raw disk, a vhost-user disk served by sealvm-blk
+/// and a console whose client says hello back, the API on `DIR/vm.api`; returned once the
+/// probe has written, read and flushed its disk and talked on the console.
+fn start_vm(dir: &Path, sealvm: &Path, probe: &Path) -> Vm {
     let disk = dir.join("disk.raw");
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let volume = dir.join("web1.raw");
+    std::fs::write(&volume, vec![0u8; 8 << 20]).unwrap();
+    let backend_socket = dir.join("web1.sock");
+    let backend =
+        Background::sealvm_blk(&format!("web1={}", volume.display()), &backend_socket, None)
+            .expect("start sealvm-blk");
+    let console = dir.join("agent.sock");
     let args: Vec<String> = [
         "--kernel",
         &probe.display().to_string(),
@@ -51,6 +68,10 @@ fn start_vm(dir: &Path, sealvm: &Path, probe: &Path) -> SealvmVm {
         "probe.linger=1",
         "--disk",
         &format!("path={}", disk.display()),
+        "--disk",
+        &format!("vhost-user={}", backend_socket.display()),
+        "--console",
+        &format!("socket={}", console.display()),
         "--api-socket",
         &dir.join("vm.api").display().to_string(),
     ]
@@ -58,14 +79,42 @@ fn start_vm(dir: &Path, sealvm: &Path, probe: &Path) -> SealvmVm {
     .map(|s| s.to_string())
     .collect();
     let mut vm = SealvmVm::start(sealvm, &args).expect("start sealvm");
+    wait_for_path(&console);
+    let mut client = UnixStream::connect(&console).expect("connect to the console");
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut hello = Vec::new();
+    let mut byte = [0u8; 1];
+    while !hello.ends_with(b"\n") {
+        client.read_exact(&mut byte).expect("the probe's hello");
+        hello.push(byte[0]);
+    }
+    client.write_all(b"host says hello\n").unwrap();
     let done = vm.wait_for("PROBE DONE", Duration::from_secs(60));
-    assert!(done.is_some(), "the probe did not finish:\n{}", vm.output());
+    assert!(
+        done.is_some_and(|line| line.ends_with("fail=0")),
+        "the probe did not pass:\n{}",
+        vm.output()
+    );
+    wait_for_path(&dir.join("vm.api"));
+    Vm {
+        vm,
+        _backend: backend,
+        _console: client,
+    }
+}
+
+fn wait_for_path(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.join("vm.api").exists() {
-        assert!(Instant::now() < deadline, "no API socket");
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    vm
 }
 
 #[test]
@@ -106,7 +155,7 @@ fn every_documented_example_answers_as_documented() {
             ));
         }
     }
-    let status = vm.wait_exit(Duration::from_secs(20));
+    let status = vm.vm.wait_exit(Duration::from_secs(20));
     assert!(
         wrong.is_empty(),
         "{} of {} examples differ from the VMM:\n{}",
@@ -189,6 +238,7 @@ fn bad_input_is_answered_with_a_code_and_the_vmm_keeps_serving() {
     let stopped = sealvm_os::api_socket::call(&api, json!({"command": "shutdown"})).unwrap();
     assert_eq!(stopped["state"], "stopping");
     assert!(vm
+        .vm
         .wait_exit(Duration::from_secs(20))
         .is_some_and(|s| s.success()));
 }
