@@ -8,12 +8,12 @@
 
 use crate::table::Row;
 use anyhow::{ensure, Result};
+use sealvm_blk::api::protocol::Request;
 use sealvm_blk::volume::JournaledVolume;
 use sealvm_testkit::command::{self as process, step};
 use sealvm_testkit::loadgen::{types, BlkDriver, Slot};
 use sealvm_testkit::{Background, Workspace};
 use sealvm_virtio_blk::BlockBackend;
-use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -207,7 +207,12 @@ fn history_rows(blk: &Path, dir: &Path) -> Result<Vec<Row>> {
     )?;
     let retarget = |seq: u64| -> Result<Duration> {
         let started = Instant::now();
-        sealvm_blk::api::call(&api, json!({"command": "retarget", "at": seq.to_string()}))?;
+        sealvm_blk::api::call(
+            &api,
+            Request::Retarget {
+                at: seq.to_string(),
+            },
+        )?;
         Ok(started.elapsed())
     };
     // The first retarget to the end reads the whole journal once; time only what follows.

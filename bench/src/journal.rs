@@ -6,9 +6,9 @@
 use crate::table::Row;
 use anyhow::{anyhow, ensure, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use sealvm_blk::api::protocol::{Counters, Request};
 use sealvm_testkit::command::{self as process, step};
 use sealvm_testkit::{Background, Workspace};
-use serde_json::json;
 use std::mem::MaybeUninit;
 use std::path::Path;
 use std::process::Command;
@@ -250,10 +250,12 @@ fn discard_growth(blk: &Path, dir: &Path) -> Result<Row> {
     let _server = serve(blk, dir, "sealvm-blk journal on", &image, &socket)?;
     let api = socket.with_extension("api");
     let journal_bytes = || -> Result<u64> {
-        let counters = sealvm_blk::api::call(&api, json!({"command": "counters"}))?;
-        counters["journal-bytes"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("no journal-bytes in {counters}"))
+        let answer = sealvm_blk::api::call(&api, Request::Counters { volume: None })?;
+        let counters: Counters = serde_json::from_value(answer)?;
+        counters
+            .journal
+            .map(|journal| journal.journal_bytes)
+            .ok_or_else(|| anyhow!("the volume is served without a journal"))
     };
     let mut client = Client::connect(&socket)?;
     let before = journal_bytes()?;

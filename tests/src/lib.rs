@@ -8,6 +8,7 @@
 //! `cargo build` the binaries; the kit only finds them and says what to run when they are
 //! missing.
 
+pub mod api_doc;
 pub mod background;
 pub mod command;
 pub mod console;

@@ -224,13 +224,17 @@ impl Api {
         }
     }
 
+    /// Sends `request` and returns its `return` value; panics on an error answer.
     fn call(&mut self, request: Value) -> Value {
-        writeln!(self.writer, "{request}").unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        let answer = self.raw(&request.to_string());
+        assert!(
+            answer.get("error").is_none(),
+            "{request} was refused: {answer}"
+        );
+        answer["return"].clone()
     }
 
+    /// Sends `text` and returns the whole answer line.
     fn raw(&mut self, text: &str) -> Value {
         writeln!(self.writer, "{text}").unwrap();
         let mut line = String::new();
@@ -264,7 +268,6 @@ fn api_socket_answers_info_counters_pause_resume_and_shutdown() {
     let mut api = Api::connect(&api_path);
 
     let info = api.call(json!({"command": "info"}));
-    assert_eq!(info["ok"], true, "{info}");
     assert_eq!(info["state"], "running");
     assert_eq!(info["cpus"], 2);
     assert_eq!(info["memory"], 64 << 20);
@@ -290,15 +293,21 @@ fn api_socket_answers_info_counters_pause_resume_and_shutdown() {
     assert_eq!(api.call(json!({"command": "info"}))["state"], "paused");
     assert_eq!(api.call(json!({"command": "resume"}))["state"], "running");
 
-    assert_eq!(api.raw("{not json")["ok"], false);
-    let unknown = api.call(json!({"command": "reboot-into-bios"}));
-    assert_eq!(unknown["ok"], false);
-    assert!(unknown["error"]
-        .as_str()
-        .unwrap()
-        .contains("unknown command"));
+    assert_eq!(api.raw("{not json")["code"], "bad-request");
+    let unknown = api.raw(r#"{"command": "reboot-into-bios"}"#);
+    assert_eq!(unknown["code"], "bad-request", "{unknown}");
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant"),
+        "{unknown}"
+    );
 
-    assert_eq!(api.call(json!({"command": "shutdown"}))["ok"], true);
+    assert_eq!(
+        api.call(json!({"command": "shutdown"}))["state"],
+        "stopping"
+    );
     let status = vm.wait_exit(Duration::from_secs(20)).expect("sealvm exits");
     assert!(status.success());
 }
@@ -343,7 +352,10 @@ fn a_vhost_user_backend_that_goes_away_is_reported_not_fatal() {
     }
     // sealvm itself lives on and still shuts down cleanly.
     assert_eq!(api.call(json!({"command": "info"}))["state"], "running");
-    assert_eq!(api.call(json!({"command": "shutdown"}))["ok"], true);
+    assert_eq!(
+        api.call(json!({"command": "shutdown"}))["state"],
+        "stopping"
+    );
     assert!(vm.wait_exit(Duration::from_secs(20)).unwrap().success());
 }
 

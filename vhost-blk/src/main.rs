@@ -424,6 +424,14 @@ fn serve_device(
     }
 }
 
+/// The API request that bookmarks the served volume.
+fn bookmark_request(name: &str) -> api::protocol::Request {
+    api::protocol::Request::Bookmark {
+        name: name.into(),
+        volume: None,
+    }
+}
+
 fn bookmark(
     api_socket: &std::path::Path,
     agent: Option<&std::path::Path>,
@@ -431,7 +439,7 @@ fn bookmark(
     name: &str,
 ) -> anyhow::Result<()> {
     let Some(agent) = agent else {
-        let made = api::call(api_socket, json!({"command": "bookmark", "name": name}))?;
+        let made = api::call(api_socket, bookmark_request(name))?;
         println!("{}", serde_json::to_string_pretty(&made)?);
         return Ok(());
     };
@@ -458,7 +466,7 @@ fn bookmark(
             freeze.get("toolkit-results").cloned().unwrap_or(json!([]))
         );
     }
-    let made = api::call(api_socket, json!({"command": "bookmark", "name": name}));
+    let made = api::call(api_socket, bookmark_request(name));
     // Thaw whatever happened to the bookmark.
     let thawed = client.execute("guest-fsfreeze-thaw", None, timeout);
     let window = started.elapsed();

@@ -31,6 +31,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("e2fsprogs", "mkfs.ext4 for guest filesystems"),
     (
+        "socat",
+        "talking to the API sockets by hand, as API.md shows, and its test",
+    ),
+    (
         "qemu-guest-agent",
         "the real agent the wire-compatibility test compares with",
     ),

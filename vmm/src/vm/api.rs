@@ -1,7 +1,11 @@
-//! The API socket: one JSON object per line in, one per line out.
+//! The API socket: one JSON request per line in, one answer per line out.
 //!
-//! Commands: `{"command":"info"}`, `pause`, `resume`, `shutdown`, `counters`. Every answer
-//! has `"ok": true` and the data, or `"ok": false` and an `"error"`.
+//! Commands `info`, `pause`, `resume`, `shutdown` and `counters`, documented in `API.md`
+//! beside this package's `Cargo.toml` and typed in [`protocol`]; the envelope
+//! (`{"return": VALUE}` or `{"error": MESSAGE, "code": CODE}`), the 64 KiB line limit and
+//! the client are [`sealvm_os::api_socket`]'s. This module serves the commands.
+
+pub mod protocol;
 
 use super::config::VmConfig;
 use super::devices::legacy::{StopReason, StopSignal};
@@ -9,14 +13,13 @@ use super::devices::serial::bind_socket;
 use super::devices::virtio::mmio::MmioTransport;
 use super::layout::{virtio_gsi, virtio_mmio_base};
 use super::vcpu::{ExitCounters, RunControl};
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use protocol::{
+    ApiError, CountersAnswer, DeviceCountersEntry, DeviceInfo, Info, Reply, Request, StateAnswer,
+    VmState,
+};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-
-/// Largest request line accepted.
-const MAX_REQUEST: usize = 64 * 1024;
 
 /// What the API can see and do.
 #[derive(Clone)]
@@ -53,103 +56,72 @@ pub fn serve(path: &Path, ctx: ApiContext) -> std::io::Result<ApiServer> {
 }
 
 fn client(stream: UnixStream, ctx: &ApiContext) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream).take(u64::MAX);
-    loop {
-        let mut line = String::new();
-        reader.set_limit(MAX_REQUEST as u64 + 1);
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(n) if n > MAX_REQUEST => {
-                let _ = writeln!(
-                    writer,
-                    "{}",
-                    json!({"ok": false, "error": "request too long"})
-                );
-                return;
-            }
-            Ok(_) => {}
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let answer = handle(&line, ctx);
-        if writeln!(writer, "{answer}").is_err() {
-            return;
-        }
+    if let Err(error) =
+        sealvm_os::api_socket::serve_connection(stream, |request| handle(request, ctx))
+    {
+        tracing::debug!(%error, "API client failed");
     }
 }
 
-use std::io::Read as _;
-
-/// Answers one request line.
-pub fn handle(line: &str, ctx: &ApiContext) -> Value {
-    let request: Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => return json!({"ok": false, "error": format!("malformed JSON: {e}")}),
-    };
-    let Some(command) = request.get("command").and_then(Value::as_str) else {
-        return json!({"ok": false, "error": "missing \"command\""});
-    };
-    match command {
-        "info" => json!({
-            "ok": true,
-            "state": if ctx.control.is_paused() { "paused" } else { "running" },
-            "cpus": ctx.config.cpus,
-            "memory": ctx.config.memory,
-            "kernel": ctx.config.kernel.display().to_string(),
-            "devices": devices(ctx, false),
-        }),
-        "pause" => {
-            if ctx.control.pause() {
-                json!({"ok": true, "state": "paused"})
+/// Carries out one request.
+pub fn handle(request: Request, ctx: &ApiContext) -> Result<Reply, ApiError> {
+    match request {
+        Request::Info {} => Ok(Reply::Info(Info {
+            state: if ctx.control.is_paused() {
+                VmState::Paused
             } else {
-                json!({"ok": false, "error": "vCPUs did not stop within 5 s"})
+                VmState::Running
+            },
+            cpus: ctx.config.cpus,
+            memory: ctx.config.memory,
+            kernel: ctx.config.kernel.display().to_string(),
+            devices: devices(ctx)?.into_iter().map(|d| d.device).collect(),
+        })),
+        Request::Pause {} => {
+            if ctx.control.pause() {
+                Ok(state(VmState::Paused))
+            } else {
+                Err(ApiError::PauseTimedOut)
             }
         }
-        "resume" => {
+        Request::Resume {} => {
             ctx.control.resume();
-            json!({"ok": true, "state": "running"})
+            Ok(state(VmState::Running))
         }
-        "shutdown" => {
+        Request::Shutdown {} => {
             ctx.stop.stop(StopReason::ApiShutdown);
-            json!({"ok": true, "state": "stopping"})
+            Ok(state(VmState::Stopping))
         }
-        "counters" => json!({
-            "ok": true,
-            "exits": ctx.counters.to_json(),
-            "devices": devices(ctx, true),
-        }),
-        other => json!({
-            "ok": false,
-            "error": format!("unknown command {other:?} (info, pause, resume, shutdown, counters)"),
-        }),
+        Request::Counters {} => Ok(Reply::Counters(CountersAnswer {
+            exits: ctx.counters.snapshot(),
+            devices: devices(ctx)?,
+        })),
     }
 }
 
-fn devices(ctx: &ApiContext, counters: bool) -> Value {
-    let list: Vec<Value> = ctx
-        .transports
+fn state(state: VmState) -> Reply {
+    Reply::State(StateAnswer { state })
+}
+
+/// Every virtio device with its counters.
+fn devices(ctx: &ApiContext) -> Result<Vec<DeviceCountersEntry>, ApiError> {
+    ctx.transports
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            let Ok(t) = t.lock() else {
-                return json!({"index": i, "error": "device lock poisoned"});
-            };
-            let mut v = json!({
-                "index": i,
-                "kind": t.device().kind(),
-                "mmio_base": format!("{:#x}", virtio_mmio_base(i)),
-                "gsi": virtio_gsi(i),
-            });
-            if counters {
-                v["counters"] = t.device().counters();
-                v["interrupts"] = json!(t.interrupt().count());
-            }
-            v
+        .map(|(index, transport)| {
+            let transport = transport
+                .lock()
+                .map_err(|_| ApiError::DevicePoisoned(index))?;
+            Ok(DeviceCountersEntry {
+                device: DeviceInfo {
+                    index,
+                    kind: transport.device().kind().into(),
+                    mmio_base: format!("{:#x}", virtio_mmio_base(index)),
+                    gsi: virtio_gsi(index),
+                },
+                counters: transport.device().counters(),
+                interrupts: transport.interrupt().count(),
+            })
         })
-        .collect();
-    Value::Array(list)
+        .collect()
 }

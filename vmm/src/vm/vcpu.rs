@@ -28,18 +28,18 @@ pub struct ExitCounters {
 }
 
 impl ExitCounters {
-    /// The counters as JSON.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The counters now, as the API shows them.
+    pub fn snapshot(&self) -> super::api::protocol::ExitCounts {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "io_in": l(&self.io_in),
-            "io_out": l(&self.io_out),
-            "mmio_read": l(&self.mmio_read),
-            "mmio_write": l(&self.mmio_write),
-            "hlt": l(&self.hlt),
-            "interrupted": l(&self.interrupted),
-            "other": l(&self.other),
-        })
+        super::api::protocol::ExitCounts {
+            io_in: l(&self.io_in),
+            io_out: l(&self.io_out),
+            mmio_read: l(&self.mmio_read),
+            mmio_write: l(&self.mmio_write),
+            hlt: l(&self.hlt),
+            interrupted: l(&self.interrupted),
+            other: l(&self.other),
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::vm::api::protocol as api;
 use sealvm_virtio_blk::request::Rejected;
 use sealvm_virtio_blk::{
     serve_chain, BlockBackend, ConfigSpace, Features, Limits, RequestKind, Segment, Served,
@@ -137,14 +138,14 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn counters(&self) -> serde_json::Value {
+    fn counters(&self) -> api::DeviceCounters {
         let c = &self.counters;
-        serde_json::json!({
-            "requests": c.requests.load(Ordering::Relaxed),
-            "read_bytes": c.read_bytes.load(Ordering::Relaxed),
-            "write_bytes": c.write_bytes.load(Ordering::Relaxed),
-            "flushes": c.flushes.load(Ordering::Relaxed),
-            "errors": c.errors.load(Ordering::Relaxed),
+        api::DeviceCounters::Block(api::BlockCounters {
+            requests: c.requests.load(Ordering::Relaxed),
+            read_bytes: c.read_bytes.load(Ordering::Relaxed),
+            write_bytes: c.write_bytes.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
         })
     }
 

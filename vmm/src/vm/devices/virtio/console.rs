@@ -7,6 +7,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_CONSOLE,
     VIRTIO_F_VERSION_1,
 };
+use crate::vm::api::protocol as api;
 use crate::vm::devices::serial::bind_socket;
 use crate::vm::memory::GuestMemory;
 use std::io::{Read, Write};
@@ -122,13 +123,13 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn counters(&self) -> serde_json::Value {
+    fn counters(&self) -> api::DeviceCounters {
         let c = &self.counters;
-        serde_json::json!({
-            "socket": self.path.display().to_string(),
-            "tx_bytes": c.tx_bytes.load(Ordering::Relaxed),
-            "rx_bytes": c.rx_bytes.load(Ordering::Relaxed),
-            "dropped_bytes": c.dropped_bytes.load(Ordering::Relaxed),
+        api::DeviceCounters::Console(api::ConsoleCounters {
+            socket: self.path.display().to_string(),
+            tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
+            rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
+            dropped_bytes: c.dropped_bytes.load(Ordering::Relaxed),
         })
     }
 

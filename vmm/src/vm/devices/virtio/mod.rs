@@ -132,8 +132,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the device's workers; the driver may set it up again.
     fn reset(&mut self);
-    /// Counters for the API, as JSON.
-    fn counters(&self) -> serde_json::Value;
+    /// The device's counters, as the API shows them.
+    fn counters(&self) -> crate::vm::api::protocol::DeviceCounters;
     /// Makes completed writes durable (called when the VM stops).
     fn flush(&self) {}
     /// A short name for logs and the API ("block", "console", "vhost-user-blk").

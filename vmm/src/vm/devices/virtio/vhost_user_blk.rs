@@ -8,6 +8,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::vm::api::protocol as api;
 use sealvm_virtio_blk::Features;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -276,11 +277,11 @@ impl VirtioDevice for VhostUserBlk {
         }
     }
 
-    fn counters(&self) -> serde_json::Value {
-        serde_json::json!({
-            "socket": self.socket.display().to_string(),
-            "completion_interrupts": self.completions.load(Ordering::Relaxed),
-            "backend_connected": !self.disconnected.load(Ordering::Relaxed),
+    fn counters(&self) -> api::DeviceCounters {
+        api::DeviceCounters::VhostUserBlk(api::VhostUserBlkCounters {
+            socket: self.socket.display().to_string(),
+            completion_interrupts: self.completions.load(Ordering::Relaxed),
+            backend_connected: !self.disconnected.load(Ordering::Relaxed),
         })
     }
 
