@@ -20,7 +20,8 @@ use crate::dir::{self, JournalError, JournalState};
 use crate::format::{self, Identity, NewRecord, RecordKind, SegmentHeader, Uuid};
 use crate::segment::SegmentScanner;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// What an upgrade did.
@@ -135,7 +136,6 @@ fn rewrite_segment(
     first_seq: u64,
     identity: &Identity,
 ) -> Result<(u64, u64, u64, u64), JournalError> {
-    let tmp = path.with_extension("svj.upgrade");
     let mut out = Vec::new();
     out.extend_from_slice(&format::encode_segment_header(&SegmentHeader {
         identity: *identity,
@@ -199,23 +199,16 @@ fn rewrite_segment(
         out.extend_from_slice(&format::encode(&record, payload));
     }
     let last_seq = scanner.summary().last_seq;
-    let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        file.write_all(&out)?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)?;
-        sealvm_os::durable::sync_dir(&sealvm_os::durable::parent_dir(path))
-    };
-    write().map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+    // The new segment keeps the old one's permissions.
+    let mode = old
+        .metadata()
+        .map_err(JournalError::io(path))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    sealvm_os::durable::replace(path, &out, mode).map_err(|e| JournalError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
     })?;
     Ok((records, zero_writes, out.len() as u64, last_seq))
 }
