@@ -6,9 +6,11 @@ use sealvm_blk::device::BlockDevice;
 use sealvm_blk::image_access::PointInTimeImage;
 use sealvm_blk::pit::{self, PointInTime};
 use sealvm_blk::volume::JournaledVolume;
+use sealvm_os::main_setup;
 use sealvm_virtio_blk::{BlockBackend, RawFile};
 use serde_json::json;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost_user_backend::VhostUserDaemon;
@@ -164,25 +166,10 @@ enum PitCommand {
     },
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(error) = run(cli.command) {
-        if cli.verbose > 0 {
-            eprintln!("sealvm-blk: {error:?}");
-        } else {
-            eprintln!("sealvm-blk: {error:#}");
-        }
-        std::process::exit(1);
-    }
+    main_setup::init_logging(main_setup::LogDefault::Info, cli.verbose);
+    main_setup::finish("sealvm-blk", cli.verbose > 0, run(cli.command))
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -207,9 +194,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             config: None,
             api_socket,
             queues,
-        } => serve(sealvm_blk::config::from_args(
-            &volume, &socket, api_socket, queues,
-        )?),
+        } => serve(
+            sealvm_blk::config::from_args(&volume, &socket, api_socket, queues)
+                .map_err(main_setup::usage)?,
+        ),
         Command::Bookmark {
             api_socket,
             agent_socket,
