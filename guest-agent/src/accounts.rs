@@ -249,16 +249,21 @@ mod tests {
         assert_eq!(find_account(passwd, "nobody"), None);
     }
 
+    /// This process's own account, with its home in `home`.
+    fn own_account(home: &std::path::Path) -> Account {
+        // SAFETY: getuid/getgid only read the process's ids.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Account {
+            uid,
+            gid,
+            home: home.to_path_buf(),
+        }
+    }
+
     #[test]
     fn authorized_keys_are_added_once_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        // SAFETY: getuid/getgid only read the process's ids.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let account = Account {
-            uid,
-            gid,
-            home: dir.path().to_path_buf(),
-        };
+        let account = own_account(dir.path());
         let path = keys_path(&account);
         write_keys(&account, &path, &["ssh-ed25519 AAAA one".into()]).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions();
@@ -278,13 +283,7 @@ mod tests {
     fn a_failed_directory_sync_of_authorized_keys_is_an_error() {
         use sealvm_os::durable::{failpoint, Step};
         let dir = tempfile::tempdir().unwrap();
-        // SAFETY: getuid/getgid only read the process's ids.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let account = Account {
-            uid,
-            gid,
-            home: dir.path().to_path_buf(),
-        };
+        let account = own_account(dir.path());
         let path = keys_path(&account);
         failpoint::fail_next(Step::SyncDir);
         let result = write_keys(&account, &path, &["ssh-ed25519 AAAA one".into()]);

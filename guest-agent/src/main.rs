@@ -1,7 +1,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sealvm_agent::{Agent, AgentClient, AgentConfig};
-use sealvm_os::main_setup;
+use sealvm_os::main_setup::{self, run_main, LogDefault};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,9 +15,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "sealvm-agent", version, about, long_about)]
 struct Cli {
-    /// Log more (repeat for more), and print the full error chain on failure.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    verbosity: main_setup::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,8 +59,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    main_setup::init_logging(main_setup::LogDefault::Info, cli.verbose);
-    main_setup::finish("sealvm-agent", cli.verbose > 0, run(cli.command))
+    run_main("sealvm-agent", LogDefault::Info, cli.verbosity, || {
+        run(cli.command)
+    })
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

@@ -19,7 +19,7 @@
 use crate::dir::{self, JournalError, JournalState};
 use crate::format::{self, Identity, NewRecord, RecordKind, SegmentHeader, Uuid};
 use crate::segment::SegmentScanner;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -43,22 +43,19 @@ pub struct Upgraded {
 /// Upgrades the journal in `dir`, whose volume image is `base`, to format version 2.
 /// Upgrading a version-2 journal does nothing.
 pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
+    use sealvm_os::lock::{lock_file, LockFileError, LockMode, Wait};
     let lock_path = dir.join(dir::SERVE_LOCK_NAME);
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(JournalError::io(&lock_path))?;
-    sealvm_os::lock::lock(
-        &lock,
-        sealvm_os::lock::LockMode::Exclusive,
-        sealvm_os::lock::Wait::NoWait,
-    )
-    .map_err(|e| JournalError::Io {
-        path: lock_path.clone(),
-        source: io::Error::other(format!("{e}: stop the sealvm-blk that serves this journal")),
+    let _lock = lock_file(&lock_path, LockMode::Exclusive, Wait::NoWait).map_err(|e| match e {
+        LockFileError::Held { path } => JournalError::Io {
+            source: io::Error::other(format!(
+                "{} is locked by another process: stop the sealvm-blk that serves this journal",
+                path.display()
+            )),
+            path,
+        },
+        LockFileError::Open { path, source } | LockFileError::Lock { path, source } => {
+            JournalError::Io { path, source }
+        }
     })?;
     let mut state = dir::read_state(dir)?;
     let identity = match state.identity {

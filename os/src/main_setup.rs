@@ -70,6 +70,28 @@ pub fn init_logging(default: LogDefault, verbose: u8) {
         .try_init();
 }
 
+/// The `-v` flag every binary takes, counted: more logs per `-v`, and the error's whole
+/// cause chain on failure. Binaries `#[command(flatten)]` it into their arguments.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct Verbosity {
+    /// Log more (repeat for more), and print the full error chain on failure.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// A binary's whole life after parsing its arguments: starts logging
+/// ([`init_logging`] with `default` and `verbosity`), runs `work`, and turns its result
+/// into the exit code ([`finish`]).
+pub fn run_main(
+    binary: &str,
+    default: LogDefault,
+    verbosity: Verbosity,
+    work: impl FnOnce() -> anyhow::Result<()>,
+) -> ExitCode {
+    init_logging(default, verbosity.verbose);
+    finish(binary, verbosity.verbose > 0, work())
+}
+
 /// Turns a binary's result into its exit: nothing printed on success; on failure one line
 /// `BINARY: what failed: why: ...` on stderr, each cause on its own line with `verbose`,
 /// and [`EXIT_USAGE`] or [`EXIT_FAILURE`].

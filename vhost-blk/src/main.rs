@@ -6,7 +6,7 @@ use sealvm_blk::device::BlockDevice;
 use sealvm_blk::image_access::PointInTimeImage;
 use sealvm_blk::pit::{self, PointInTime};
 use sealvm_blk::volume::JournaledVolume;
-use sealvm_os::main_setup;
+use sealvm_os::main_setup::{self, run_main, LogDefault};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
 use serde_json::json;
 use std::path::PathBuf;
@@ -31,9 +31,8 @@ use vm_memory::GuestMemoryAtomic;
 #[derive(Parser)]
 #[command(name = "sealvm-blk", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
-    /// Log more, and print the full error chain.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    verbosity: main_setup::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,8 +167,9 @@ enum PitCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    main_setup::init_logging(main_setup::LogDefault::Info, cli.verbose);
-    main_setup::finish("sealvm-blk", cli.verbose > 0, run(cli.command))
+    run_main("sealvm-blk", LogDefault::Info, cli.verbosity, || {
+        run(cli.command)
+    })
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

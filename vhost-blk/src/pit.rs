@@ -453,18 +453,24 @@ mod tests {
         ));
     }
 
+    /// An 8-sector zeroed base in `dir` and a journal ("j") holding one sector write of
+    /// `fill` per entry of `fills` (sector i gets fills[i]), then a bookmark "after".
+    fn journaled(dir: &Path, fills: &[u8]) -> (PathBuf, PathBuf) {
+        let base = dir.join("base.raw");
+        std::fs::write(&base, vec![0u8; 8 * 512]).unwrap();
+        let journal = dir.join("j");
+        let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
+        for (sector, fill) in fills.iter().enumerate() {
+            volume.write_at(sector as u64 * 512, &[*fill; 512]).unwrap();
+        }
+        volume.bookmark("after").unwrap();
+        (base, journal)
+    }
+
     #[test]
     fn restore_refuses_a_journal_damaged_in_the_middle() {
         let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.raw");
-        std::fs::write(&base, vec![0u8; 8 * 512]).unwrap();
-        let journal = dir.path().join("j");
-        {
-            let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
-            volume.write_at(0, &[1; 512]).unwrap();
-            volume.write_at(512, &[2; 512]).unwrap();
-            volume.bookmark("after").unwrap();
-        }
+        let (base, journal) = journaled(dir.path(), &[1, 2]);
         let segment = journal::segment_path(&journal, 1);
         let mut bytes = std::fs::read(&segment).unwrap();
         bytes[64 + 100] ^= 1; // inside the first record's payload (after the segment header)
@@ -503,13 +509,7 @@ mod tests {
     fn restore_returns_a_failed_directory_sync() {
         use sealvm_os::durable::{failpoint, Step};
         let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.raw");
-        std::fs::write(&base, vec![0u8; 8 * 512]).unwrap();
-        let journal = dir.path().join("j");
-        {
-            let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
-            volume.write_at(0, &[7; 512]).unwrap();
-        }
+        let (base, journal) = journaled(dir.path(), &[7]);
         let out = dir.path().join("out.raw");
         failpoint::fail_next(Step::SyncDir);
         let err = restore(&base, &journal, 1, &out, |_, _| {}).unwrap_err();

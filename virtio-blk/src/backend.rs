@@ -117,20 +117,15 @@ impl RawFile {
         } else {
             LockMode::Exclusive
         };
-        match lock(&file, mode, Wait::NoWait) {
-            Ok(()) => {}
-            Err(LockError::Held) => {
-                return Err(RawFileError::Locked {
-                    path: path.to_path_buf(),
-                })
-            }
-            Err(LockError::Io(source)) => {
-                return Err(RawFileError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        }
+        lock(&file, mode, Wait::NoWait).map_err(|error| match error {
+            LockError::Held => RawFileError::Locked {
+                path: path.to_path_buf(),
+            },
+            LockError::Io(source) => RawFileError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
         let size = file
             .metadata()
             .map_err(|source| RawFileError::Open {

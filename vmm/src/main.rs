@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 use sealvm::cli;
 use sealvm::cli::run::RunError;
-use sealvm_os::main_setup;
+use sealvm_os::main_setup::{self, run_main, LogDefault};
 use std::process::ExitCode;
 
 /// sealvm — a KVM virtual machine monitor for shielded VMs.
@@ -11,9 +11,8 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "sealvm", version, about, long_about)]
 struct Cli {
-    /// Log more (repeat for debug output), and print the full error chain on failure.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    verbosity: main_setup::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,16 +30,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    main_setup::init_logging(main_setup::LogDefault::Warn, cli.verbose);
-    let result: anyhow::Result<()> = match cli.command {
-        Command::Bundle(args) => cli::bundle::run(args).map_err(Into::into),
-        Command::HelperPartition(args) => cli::helper_partition::run(args).map_err(Into::into),
-        Command::Run(args) => cli::run::run(&args).map_err(|error| match error {
-            RunError::NoKernel | RunError::BadArgument(_) => main_setup::usage(error),
-            error => error.into(),
-        }),
-    };
     // The one-line chain names the failed check ("bundle check failed: VM-state manifest
     // failed its integrity check"); -v adds each cause on its own line.
-    main_setup::finish("sealvm", cli.verbose > 0, result)
+    run_main("sealvm", LogDefault::Warn, cli.verbosity, || {
+        match cli.command {
+            Command::Bundle(args) => cli::bundle::run(args).map_err(Into::into),
+            Command::HelperPartition(args) => cli::helper_partition::run(args).map_err(Into::into),
+            Command::Run(args) => cli::run::run(&args).map_err(|error| match error {
+                RunError::NoKernel | RunError::BadArgument(_) => main_setup::usage(error),
+                error => error.into(),
+            }),
+        }
+    })
 }

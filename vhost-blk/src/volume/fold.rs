@@ -246,17 +246,14 @@ impl JournaledVolume {
 
     /// Takes the history exclusively if no reader holds it.
     fn try_lock_history(&self) -> io::Result<Option<FoldLock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join(journal::FOLD_LOCK_NAME))?;
-        use sealvm_os::lock::{lock, LockError, LockMode, Wait};
-        match lock(&file, LockMode::Exclusive, Wait::NoWait) {
-            Ok(()) => Ok(Some(FoldLock { _file: file })),
-            Err(LockError::Held) => Ok(None),
-            Err(LockError::Io(e)) => Err(e),
+        use sealvm_os::lock::{lock_file, LockFileError, LockMode, Wait};
+        let path = self.dir.join(journal::FOLD_LOCK_NAME);
+        match lock_file(&path, LockMode::Exclusive, Wait::NoWait) {
+            Ok(file) => Ok(Some(FoldLock { _file: file })),
+            Err(LockFileError::Held { .. }) => Ok(None),
+            Err(LockFileError::Open { source, .. } | LockFileError::Lock { source, .. }) => {
+                Err(source)
+            }
         }
     }
 
