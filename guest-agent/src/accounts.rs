@@ -11,7 +11,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -210,24 +210,24 @@ fn write_keys(
         std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))
             .map_err(|e| fail("chown the directory of", e))?;
     }
-    let temp = dir.join(".authorized_keys.sealvm-agent");
     let mut text = keys.join("\n");
     if !text.is_empty() {
         text.push('\n');
     }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(|e| fail("write", e))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| fail("write", e))?;
-    std::os::unix::fs::chown(&temp, Some(account.uid), Some(account.gid))
-        .map_err(|e| fail("chown", e))?;
-    std::fs::rename(&temp, path).map_err(|e| fail("replace", e))?;
+    // Written beside the old file and renamed over it, owned by the account before it
+    // appears, so sshd never reads a half-written or root-owned file.
+    sealvm_os::durable::replace_stream(path, 0o600, |file| {
+        file.write_all(text.as_bytes())?;
+        std::os::unix::fs::fchown(&*file, Some(account.uid), Some(account.gid))
+    })
+    .map_err(|e| {
+        CommandError::generic(format!(
+            "failed to replace '{}' ({:?} failed): {}",
+            path.display(),
+            e.step,
+            e.source
+        ))
+    })?;
     Ok(())
 }
 
@@ -249,16 +249,21 @@ mod tests {
         assert_eq!(find_account(passwd, "nobody"), None);
     }
 
+    /// This process's own account, with its home in `home`.
+    fn own_account(home: &std::path::Path) -> Account {
+        // SAFETY: getuid/getgid only read the process's ids.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Account {
+            uid,
+            gid,
+            home: home.to_path_buf(),
+        }
+    }
+
     #[test]
     fn authorized_keys_are_added_once_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        // SAFETY: getuid/getgid only read the process's ids.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let account = Account {
-            uid,
-            gid,
-            home: dir.path().to_path_buf(),
-        };
+        let account = own_account(dir.path());
         let path = keys_path(&account);
         write_keys(&account, &path, &["ssh-ed25519 AAAA one".into()]).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions();
@@ -270,5 +275,20 @@ mod tests {
             ["ssh-ed25519 AAAA one"]
         );
         assert!(check_keys(&["a\nb".into()]).is_err());
+    }
+
+    /// A directory fsync cannot be made to fail for real, so this arms the failpoint seam
+    /// of `sealvm_os::durable` (feature `failpoints`, on for this crate's tests).
+    #[test]
+    fn a_failed_directory_sync_of_authorized_keys_is_an_error() {
+        use sealvm_os::durable::{failpoint, Step};
+        let dir = tempfile::tempdir().unwrap();
+        let account = own_account(dir.path());
+        let path = keys_path(&account);
+        failpoint::fail_next(Step::SyncDir);
+        let result = write_keys(&account, &path, &["ssh-ed25519 AAAA one".into()]);
+        failpoint::clear();
+        let error = result.expect_err("a lost directory sync was reported as success");
+        assert!(format!("{error:?}").contains("SyncDir failed"), "{error:?}");
     }
 }

@@ -1,7 +1,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sealvm_agent::{Agent, AgentClient, AgentConfig};
+use sealvm_os::main_setup::{self, run_main, LogDefault};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// sealvm-agent — the guest agent for application-consistent snapshots.
@@ -13,9 +15,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "sealvm-agent", version, about, long_about)]
 struct Cli {
-    /// Log more (repeat for debug output).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    verbosity: main_setup::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,29 +57,11 @@ enum Command {
     },
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(error) = run(cli.command) {
-        if cli.verbose > 0 {
-            eprintln!("sealvm-agent: {error:?}");
-        } else {
-            eprintln!("sealvm-agent: {error:#}");
-        }
-        std::process::exit(1);
-    }
+    run_main("sealvm-agent", LogDefault::Info, cli.verbosity, || {
+        run(cli.command)
+    })
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -112,7 +95,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             let args = args
                 .map(|a| serde_json::from_str(&a))
                 .transpose()
-                .context("--args is not valid JSON")?;
+                .context("--args is not valid JSON")
+                .map_err(main_setup::usage)?;
             let mut client = AgentClient::connect(&socket, timeout)?;
             let answer = client.execute(&command, args, timeout)?;
             println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -438,20 +438,13 @@ pub fn hold_history(dir: &Path) -> Result<Option<HistoryHold>, JournalError> {
         return Ok(None);
     }
     let path = dir.join(FOLD_LOCK_NAME);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(JournalError::io(&path))?;
-    sealvm_os::lock::lock(
-        &file,
+    let file = sealvm_os::lock::lock_file(
+        &path,
         sealvm_os::lock::LockMode::Shared,
         sealvm_os::lock::Wait::Block,
     )
     .map_err(|e| JournalError::Io {
-        path: path.clone(),
+        path,
         source: io::Error::other(e),
     })?;
     Ok(Some(HistoryHold { _file: file }))

@@ -19,8 +19,9 @@
 use crate::dir::{self, JournalError, JournalState};
 use crate::format::{self, Identity, NewRecord, RecordKind, SegmentHeader, Uuid};
 use crate::segment::SegmentScanner;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// What an upgrade did.
@@ -42,22 +43,19 @@ pub struct Upgraded {
 /// Upgrades the journal in `dir`, whose volume image is `base`, to format version 2.
 /// Upgrading a version-2 journal does nothing.
 pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
+    use sealvm_os::lock::{lock_file, LockFileError, LockMode, Wait};
     let lock_path = dir.join(dir::SERVE_LOCK_NAME);
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(JournalError::io(&lock_path))?;
-    sealvm_os::lock::lock(
-        &lock,
-        sealvm_os::lock::LockMode::Exclusive,
-        sealvm_os::lock::Wait::NoWait,
-    )
-    .map_err(|e| JournalError::Io {
-        path: lock_path.clone(),
-        source: io::Error::other(format!("{e}: stop the sealvm-blk that serves this journal")),
+    let _lock = lock_file(&lock_path, LockMode::Exclusive, Wait::NoWait).map_err(|e| match e {
+        LockFileError::Held { path } => JournalError::Io {
+            source: io::Error::other(format!(
+                "{} is locked by another process: stop the sealvm-blk that serves this journal",
+                path.display()
+            )),
+            path,
+        },
+        LockFileError::Open { path, source } | LockFileError::Lock { path, source } => {
+            JournalError::Io { path, source }
+        }
     })?;
     let mut state = dir::read_state(dir)?;
     let identity = match state.identity {
@@ -135,7 +133,6 @@ fn rewrite_segment(
     first_seq: u64,
     identity: &Identity,
 ) -> Result<(u64, u64, u64, u64), JournalError> {
-    let tmp = path.with_extension("svj.upgrade");
     let mut out = Vec::new();
     out.extend_from_slice(&format::encode_segment_header(&SegmentHeader {
         identity: *identity,
@@ -199,23 +196,16 @@ fn rewrite_segment(
         out.extend_from_slice(&format::encode(&record, payload));
     }
     let last_seq = scanner.summary().last_seq;
-    let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        file.write_all(&out)?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)?;
-        sealvm_os::durable::sync_dir(&sealvm_os::durable::parent_dir(path))
-    };
-    write().map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+    // The new segment keeps the old one's permissions.
+    let mode = old
+        .metadata()
+        .map_err(JournalError::io(path))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    sealvm_os::durable::replace(path, &out, mode).map_err(|e| JournalError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
     })?;
     Ok((records, zero_writes, out.len() as u64, last_seq))
 }

@@ -244,29 +244,18 @@ impl Writer {
         }
         std::fs::create_dir_all(dir).map_err(JournalError::io(dir))?;
         let lock_path = dir.join(dir::SERVE_LOCK_NAME);
-        let serve_lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(JournalError::io(&lock_path))?;
-        use sealvm_os::lock::{lock, LockError, LockMode, Wait};
-        match lock(&serve_lock, LockMode::Exclusive, Wait::NoWait) {
-            Ok(()) => {}
-            Err(LockError::Held) => {
+        use sealvm_os::lock::{lock_file, LockFileError, LockMode, Wait};
+        let serve_lock = match lock_file(&lock_path, LockMode::Exclusive, Wait::NoWait) {
+            Ok(file) => file,
+            Err(LockFileError::Held { .. }) => {
                 return Err(WriterError::Locked {
                     dir: dir.to_path_buf(),
                 })
             }
-            Err(LockError::Io(source)) => {
-                return Err(JournalError::Io {
-                    path: lock_path,
-                    source,
-                }
-                .into())
+            Err(LockFileError::Open { path, source } | LockFileError::Lock { path, source }) => {
+                return Err(JournalError::Io { path, source }.into())
             }
-        }
+        };
         let mut listed = dir::segments(dir)?;
         let mut state = dir::read_state(dir)?;
         let identity = match state.identity {

@@ -77,3 +77,35 @@ fn a_version_one_journal_reads_refuses_writing_and_upgrades_with_the_same_record
         15
     );
 }
+
+/// A directory fsync cannot be made to fail for real, so this arms the failpoint seam of
+/// `sealvm_os::durable` (feature `failpoints`, on for this crate's tests) on the first
+/// segment's replacement.
+#[test]
+fn an_upgrade_whose_directory_sync_fails_says_so_and_a_rerun_finishes_it() {
+    use sealvm_os::durable::{failpoint, Step};
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, journal) = fixture_copy(tmp.path());
+    let before = records(&journal);
+    let segments = sealvm_journal::dir::segments(&journal).unwrap();
+    let first = segments[0]
+        .1
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    failpoint::fail_next_named(&first, Step::SyncDir);
+    let result = upgrade(&journal, &base);
+    failpoint::clear();
+    let error = result.expect_err("an upgrade whose directory sync failed succeeded");
+    assert!(error.to_string().contains(&first), "{error}");
+    let report = upgrade(&journal, &base).unwrap();
+    assert_eq!(
+        report.segments, 2,
+        "the first segment was already rewritten"
+    );
+    let after = records(&journal);
+    assert_eq!(after.len(), before.len());
+    assert_eq!(after[12].1, RecordKind::ZeroExtent);
+}

@@ -4,7 +4,11 @@
 //! survive a power loss. Every step's error is returned, none is ignored: a rename whose
 //! directory entry never reached the disk is not a replacement.
 //!
-//! [`StepHook`] lets crash tests stop the sequence between any two steps.
+//! [`replace`] takes the contents as bytes; [`replace_stream`] hands the caller the
+//! temporary file to fill (a copy of another file, a restored image) and does the rest.
+//! [`StepHook`] lets crash tests in this crate stop the sequence between any two steps;
+//! with the `failpoints` feature, [`failpoint`] lets tests of other crates make one step
+//! of a replacement fail, since a directory sync cannot be made to fail for real.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -46,6 +50,17 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), ReplaceErr
     replace_with(path, mode, |file| file.write_all(contents), &mut |_| Ok(()))
 }
 
+/// Replaces `path` with what `write` puts into a temporary file beside it (created with
+/// permission `mode` before the umask), then fdatasyncs, renames and fsyncs the directory.
+/// An error of `write` is returned as the [`Step::Write`] failure and nothing is replaced.
+pub fn replace_stream(
+    path: &Path,
+    mode: u32,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), ReplaceError> {
+    replace_with(path, mode, write, &mut |_| Ok(()))
+}
+
 /// Replaces `path` with what `write` puts into the temporary file, calling `hook` before
 /// each step. The temporary file is removed when a step fails before the rename.
 pub fn replace_with(
@@ -66,6 +81,10 @@ pub fn replace_with(
     tmp_name.push(name);
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = dir.join(tmp_name);
+    let mut hook = |step: Step| {
+        hook(step)?;
+        failpoint::check(step, path)
+    };
     let result = (|| {
         hook(Step::Write).map_err(fail(Step::Write))?;
         let mut file = OpenOptions::new()
@@ -87,6 +106,67 @@ pub fn replace_with(
     result?;
     hook(Step::SyncDir).map_err(fail(Step::SyncDir))?;
     sync_dir(&dir).map_err(fail(Step::SyncDir))
+}
+
+/// A per-thread failpoint in the replacement sequence, for tests of code that replaces
+/// files through this module: arm it, run the code, and the armed step fails once with an
+/// injected error. Compiled in only with the `failpoints` feature (dev-dependencies turn it
+/// on); without it the check is a no-op.
+#[cfg(feature = "failpoints")]
+pub mod failpoint {
+    use super::Step;
+    use std::cell::RefCell;
+    use std::ffi::OsString;
+    use std::io;
+    use std::path::Path;
+
+    thread_local! {
+        static ARMED: RefCell<Option<(Step, Option<OsString>)>> = const { RefCell::new(None) };
+    }
+
+    /// Makes the next replacement on this thread fail at `step` (once).
+    pub fn fail_next(step: Step) {
+        ARMED.with(|armed| *armed.borrow_mut() = Some((step, None)));
+    }
+
+    /// Makes the next replacement on this thread of a file named `file_name` fail at
+    /// `step` (once); replacements of other files go through.
+    pub fn fail_next_named(file_name: &str, step: Step) {
+        ARMED.with(|armed| *armed.borrow_mut() = Some((step, Some(file_name.into()))));
+    }
+
+    /// Disarms the failpoint of this thread.
+    pub fn clear() {
+        ARMED.with(|armed| *armed.borrow_mut() = None);
+    }
+
+    /// Fails when `step` of replacing `path` is armed on this thread, and disarms it.
+    pub(super) fn check(step: Step, path: &Path) -> io::Result<()> {
+        let hit = ARMED.with(|armed| match &*armed.borrow() {
+            Some((armed, name)) => {
+                *armed == step
+                    && name
+                        .as_ref()
+                        .is_none_or(|name| path.file_name() == Some(name.as_os_str()))
+            }
+            None => false,
+        });
+        if hit {
+            clear();
+            return Err(io::Error::other(format!("failpoint at {step:?}")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+mod failpoint {
+    use super::Step;
+    use std::path::Path;
+
+    pub(super) fn check(_step: Step, _path: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// fsyncs a directory, making creations, renames and removals in it durable.
@@ -138,6 +218,48 @@ mod tests {
             let entries = std::fs::read_dir(dir.path()).unwrap().count();
             assert_eq!(entries, 1, "a temporary file was left after {stop:?}");
         }
+    }
+
+    #[test]
+    fn replace_stream_fills_the_file_from_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        replace_stream(&path, 0o640, |f| {
+            f.write_all(b"first ")?;
+            f.write_all(b"second")
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first second");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o600, 0o600);
+    }
+
+    #[test]
+    fn replace_stream_returns_the_writers_error_and_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, b"old").unwrap();
+        let error = replace_stream(&path, 0o644, |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("source unreadable"))
+        })
+        .unwrap_err();
+        assert_eq!(error.step, Step::Write);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn an_armed_failpoint_fails_its_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        failpoint::fail_next(Step::SyncDir);
+        let error = replace(&path, b"new", 0o644).unwrap_err();
+        assert_eq!(error.step, Step::SyncDir);
+        // The rename happened before the directory sync failed; the next call succeeds.
+        replace(&path, b"newer", 0o644).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"newer");
     }
 
     #[test]

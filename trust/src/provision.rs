@@ -355,26 +355,21 @@ pub fn export(path: &Path, host: &HostAccess, output: &Path) -> Result<(), Provi
         });
     }
     let mut read_error = None;
-    sealvm_os::durable::replace_with(
-        output,
-        0o600,
-        |out| {
-            let chunk = 1u64 << 20;
-            let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
-            let mut offset = 0;
-            while offset < opened.bundle.disk_bytes() {
-                let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
-                if let Err(error) = opened.bundle.read_disk(offset, &mut buf[..len]) {
-                    read_error = Some(error);
-                    return Err(std::io::Error::other("bundle read failed"));
-                }
-                out.write_all(&buf[..len])?;
-                offset += len as u64;
+    sealvm_os::durable::replace_stream(output, 0o600, |out| {
+        let chunk = 1u64 << 20;
+        let mut buf = Zeroizing::new(vec![0u8; chunk as usize]);
+        let mut offset = 0;
+        while offset < opened.bundle.disk_bytes() {
+            let len = chunk.min(opened.bundle.disk_bytes() - offset) as usize;
+            if let Err(error) = opened.bundle.read_disk(offset, &mut buf[..len]) {
+                read_error = Some(error);
+                return Err(std::io::Error::other("bundle read failed"));
             }
-            Ok(())
-        },
-        &mut |_| Ok(()),
-    )
+            out.write_all(&buf[..len])?;
+            offset += len as u64;
+        }
+        Ok(())
+    })
     .map_err(|error| match read_error.take() {
         Some(bundle_error) => ProvisionError::Bundle(bundle_error),
         None => ProvisionError::Export(error),

@@ -4,12 +4,12 @@
 
 use crate::counters::DeviceCounters;
 use sealvm_virtio_blk::{
-    serve_chain, BlockBackend, ConfigSpace, Features, Limits, Request, Segment, Served,
+    serve_descriptor_chain, BlockBackend, ConfigSpace, FailureLog, Features, Limits, Request,
+    Served,
 };
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -51,7 +51,7 @@ pub struct BlockDevice {
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemory>>>,
     /// Counters for the API.
     pub counters: DeviceCounters,
-    last_error_log: Mutex<Option<Instant>>,
+    failures: FailureLog,
 }
 
 impl BlockDevice {
@@ -63,18 +63,9 @@ impl BlockDevice {
         // frontend reconnects without writing the configuration again, and the guest still
         // sends no flushes.
         let saved_write_through = volume.saved_write_through() == Some(true);
-        let config = ConfigSpace {
-            capacity_sectors,
-            size_max: 1 << 20,
-            seg_max: (limits.max_segments - 2) as u32,
-            blk_size: 512,
-            writeback: u8::from(!saved_write_through),
-            num_queues: num_queues as u16,
-            max_discard_sectors: limits.max_discard_sectors,
-            max_discard_seg: limits.max_discard_segments,
-            max_write_zeroes_sectors: limits.max_discard_sectors,
-            max_write_zeroes_seg: limits.max_discard_segments,
-        };
+        let queues = u16::try_from(num_queues).unwrap_or(u16::MAX);
+        let config = ConfigSpace::from_limits(&limits, queues, !saved_write_through);
+        let device = String::from_utf8_lossy(volume.device_id()).into_owned();
         BlockDevice {
             volume,
             limits,
@@ -86,7 +77,7 @@ impl BlockDevice {
             write_through: AtomicBool::new(saved_write_through),
             mem: Mutex::new(None),
             counters: DeviceCounters::default(),
-            last_error_log: Mutex::new(None),
+            failures: FailureLog::new(device),
         }
     }
 
@@ -110,43 +101,36 @@ impl BlockDevice {
                 break;
             };
             let head = chain.head_index();
-            let segments: Vec<Segment> = chain
-                .clone()
-                .map(|d| Segment {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                })
-                .collect();
             let volume = self.volume.as_ref();
-            let used = serve_chain(
-                &*mem,
-                &segments,
-                volume,
-                &self.limits,
-                |served| match served {
-                    Served::Ran {
-                        request,
-                        error,
-                        started,
-                    } => {
-                        let error = error.or_else(|| self.write_through_flush(&mem, request));
-                        self.counters.count_request(
-                            request.kind,
-                            request.data_len,
-                            started.elapsed(),
-                            error.is_none(),
-                        );
-                        if let Some(error) = error {
-                            self.count_error(&error);
+            let used =
+                serve_descriptor_chain(
+                    &*mem,
+                    &chain,
+                    volume,
+                    &self.limits,
+                    |served| match served {
+                        Served::Ran {
+                            request,
+                            error,
+                            started,
+                        } => {
+                            let error = error.or_else(|| self.write_through_flush(&mem, request));
+                            self.counters.count_request(
+                                request.kind,
+                                request.data_len,
+                                started.elapsed(),
+                                error.is_none(),
+                            );
+                            if let Some(error) = error {
+                                self.count_error(&error);
+                            }
                         }
-                    }
-                    Served::Rejected(rejected) => {
-                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                        self.count_error(&rejected.error);
-                    }
-                },
-            );
+                        Served::Rejected(rejected) => {
+                            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            self.count_error(&rejected.error);
+                        }
+                    },
+                );
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             vring
                 .add_used(head, used)
@@ -195,13 +179,7 @@ impl BlockDevice {
 
     fn count_error(&self, error: &sealvm_virtio_blk::RequestError) {
         self.counters.count_error(error.is_guest_error());
-        // Log at most once a second: a misbehaving guest must not flood the log.
-        if let Ok(mut last) = self.last_error_log.lock() {
-            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                *last = Some(Instant::now());
-                tracing::warn!(%error, guest_error = error.is_guest_error(), "request failed");
-            }
-        }
+        self.failures.record(error);
     }
 }
 
@@ -218,24 +196,13 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn features(&self) -> u64 {
-        let mut features = Features::VERSION_1
-            | Features::EVENT_IDX
+        let mut features = Features::for_limits(&self.limits)
             | Features::INDIRECT_DESC
-            | Features::FLUSH
-            | Features::BLK_SIZE
-            | Features::SEG_MAX
-            | Features::SIZE_MAX
-            | Features::TOPOLOGY
             | Features::CONFIG_WCE
-            | Features::DISCARD
-            | Features::WRITE_ZEROES
             | LOG_ALL_BIT
             | PROTOCOL_FEATURES_BIT;
         if self.num_queues > 1 {
             features |= Features::MQ;
-        }
-        if self.limits.read_only {
-            features |= Features::RO;
         }
         features
     }
@@ -270,7 +237,11 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let bytes = self.config.lock().map(|c| c.to_bytes()).unwrap_or([0; 60]);
+        let bytes = self
+            .config
+            .lock()
+            .map(|c| c.to_bytes())
+            .unwrap_or([0; sealvm_virtio_blk::config::CONFIG_SPACE_LEN]);
         let start = (offset as usize).min(bytes.len());
         let end = start.saturating_add(size as usize).min(bytes.len());
         let mut out = bytes[start..end].to_vec();

@@ -6,9 +6,11 @@ use sealvm_blk::device::BlockDevice;
 use sealvm_blk::image_access::PointInTimeImage;
 use sealvm_blk::pit::{self, PointInTime};
 use sealvm_blk::volume::JournaledVolume;
+use sealvm_os::main_setup::{self, run_main, LogDefault};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
 use serde_json::json;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost_user_backend::VhostUserDaemon;
@@ -29,9 +31,8 @@ use vm_memory::GuestMemoryAtomic;
 #[derive(Parser)]
 #[command(name = "sealvm-blk", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
-    /// Log more, and print the full error chain.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    verbosity: main_setup::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,25 +180,11 @@ enum PitCommand {
     },
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(error) = run(cli.command) {
-        if cli.verbose > 0 {
-            eprintln!("sealvm-blk: {error:?}");
-        } else {
-            eprintln!("sealvm-blk: {error:#}");
-        }
-        std::process::exit(1);
-    }
+    run_main("sealvm-blk", LogDefault::Info, cli.verbosity, || {
+        run(cli.command)
+    })
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -222,9 +209,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             config: None,
             api_socket,
             queues,
-        } => serve(sealvm_blk::config::from_args(
-            &volume, &socket, api_socket, queues,
-        )?),
+        } => serve(
+            sealvm_blk::config::from_args(&volume, &socket, api_socket, queues)
+                .map_err(main_setup::usage)?,
+        ),
         Command::Bookmark {
             api_socket,
             agent_socket,

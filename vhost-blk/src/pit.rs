@@ -8,9 +8,9 @@ use sealvm_journal::consumer::{self, Consumer, ConsumerError, ReaderHold};
 use sealvm_journal::extent_map::{ExtentMap, Source, SECTOR};
 use sealvm_journal::format::{self, RecordKind};
 use sealvm_journal::reader::Reader;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A point in time in a volume's history.
@@ -113,15 +113,9 @@ pub enum PitError {
         #[source]
         source: io::Error,
     },
-    /// Writing the target failed.
-    #[error("cannot write the restored volume {path}")]
-    Write {
-        /// The target.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// Writing the target failed (the cause names the file and the step).
+    #[error("cannot write the restored volume")]
+    Write(#[source] sealvm_os::durable::ReplaceError),
 }
 
 /// How far back a journal reaches: what `pit list` and the API's `points` show.
@@ -284,8 +278,10 @@ pub fn map_at(journal_dir: &Path, seq: u64) -> Result<(ExtentMap, Vec<File>), Pi
 
 /// Writes the volume as it was after record `seq` to `to`: a copy of the base (the folded
 /// base once history has been folded) with the newest data of every extent at `seq`
-/// written over it, each sector once. The file appears only when complete (written to a
-/// temporary name, fdatasync'ed, renamed). `progress` is called with (extents written, of).
+/// written over it, each sector once. The file appears only when complete, through
+/// [`sealvm_os::durable::replace_stream`] (temporary file, fdatasync, rename, directory
+/// fsync; a failure of any step is returned). `progress` is called with (extents written,
+/// of).
 pub fn restore(
     base: &Path,
     journal_dir: &Path,
@@ -293,11 +289,7 @@ pub fn restore(
     to: &Path,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), PitError> {
-    let write_err = |source| PitError::Write {
-        path: to.to_path_buf(),
-        source,
-    };
-    std::fs::metadata(base).map_err(|source| PitError::Base {
+    let base_meta = std::fs::metadata(base).map_err(|source| PitError::Base {
         path: base.to_path_buf(),
         source,
     })?;
@@ -305,20 +297,12 @@ pub fn restore(
     let state = journal::read_state(journal_dir)?;
     sealvm_journal::dir::check_base(journal_dir, base, &state)?;
     let base = journal::effective_base(journal_dir, base);
-    let partial = to.with_extension("partial");
-    let result = restore_into(&base, journal_dir, seq, &partial, &mut progress);
-    if result.is_err() {
-        // A half-built image is of no use; leave nothing behind but the error.
-        let _ = std::fs::remove_file(&partial);
-    }
-    result.map_err(|e| match e {
-        RestoreFailure::Pit(e) => e,
-        RestoreFailure::Write(source) => write_err(source),
-    })?;
-    std::fs::rename(&partial, to).map_err(write_err)?;
-    let dir = sealvm_os::durable::parent_dir(to);
-    sealvm_os::durable::sync_dir(&dir).map_err(write_err)?;
-    Ok(())
+    let (map, files) = map_at(journal_dir, seq)?;
+    let mode = base_meta.permissions().mode() & 0o7777;
+    sealvm_os::durable::replace_stream(to, mode, |target| {
+        restore_into(&base, &map, &files, target, &mut progress)
+    })
+    .map_err(PitError::Write)
 }
 
 /// A reader's hold at `seq` on the journal in `journal_dir`: folding does not pass it while
@@ -354,25 +338,15 @@ fn consumer_error(e: ConsumerError) -> PitError {
     }
 }
 
-enum RestoreFailure {
-    Pit(PitError),
-    Write(io::Error),
-}
-
-/// Copies `base` to `partial` and writes the map at `seq` over it, fdatasync'ed.
+/// Copies `base` into `target` and writes the extents of `map` over it.
 fn restore_into(
     base: &Path,
-    journal_dir: &Path,
-    seq: u64,
-    partial: &Path,
+    map: &ExtentMap,
+    files: &[File],
+    target: &mut File,
     progress: &mut impl FnMut(u64, u64),
-) -> Result<(), RestoreFailure> {
-    let (map, files) = map_at(journal_dir, seq).map_err(RestoreFailure::Pit)?;
-    std::fs::copy(base, partial).map_err(RestoreFailure::Write)?;
-    let target = OpenOptions::new()
-        .write(true)
-        .open(partial)
-        .map_err(RestoreFailure::Write)?;
+) -> io::Result<()> {
+    io::copy(&mut File::open(base)?, target)?;
     let total = map.len() as u64;
     let mut buf = Vec::new();
     for (done, extent) in map.iter().enumerate() {
@@ -386,13 +360,11 @@ fn restore_into(
             buf.resize(n as usize, 0);
             match extent.source {
                 Source::Zero { .. } => buf.fill(0),
-                Source::Data { segment, offset } => files[segment as usize]
-                    .read_exact_at(&mut buf, u64::from(offset) + written)
-                    .map_err(RestoreFailure::Write)?,
+                Source::Data { segment, offset } => {
+                    files[segment as usize].read_exact_at(&mut buf, u64::from(offset) + written)?
+                }
             }
-            target
-                .write_all_at(&buf, at + written)
-                .map_err(RestoreFailure::Write)?;
+            target.write_all_at(&buf, at + written)?;
             written += n;
         }
         let done = done as u64 + 1;
@@ -400,7 +372,7 @@ fn restore_into(
             progress(done, total);
         }
     }
-    target.sync_all().map_err(RestoreFailure::Write)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -481,18 +453,24 @@ mod tests {
         ));
     }
 
+    /// An 8-sector zeroed base in `dir` and a journal ("j") holding one sector write of
+    /// `fill` per entry of `fills` (sector i gets fills[i]), then a bookmark "after".
+    fn journaled(dir: &Path, fills: &[u8]) -> (PathBuf, PathBuf) {
+        let base = dir.join("base.raw");
+        std::fs::write(&base, vec![0u8; 8 * 512]).unwrap();
+        let journal = dir.join("j");
+        let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
+        for (sector, fill) in fills.iter().enumerate() {
+            volume.write_at(sector as u64 * 512, &[*fill; 512]).unwrap();
+        }
+        volume.bookmark("after").unwrap();
+        (base, journal)
+    }
+
     #[test]
     fn restore_refuses_a_journal_damaged_in_the_middle() {
         let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.raw");
-        std::fs::write(&base, vec![0u8; 8 * 512]).unwrap();
-        let journal = dir.path().join("j");
-        {
-            let (volume, _) = JournaledVolume::open(&base, &journal, false).unwrap();
-            volume.write_at(0, &[1; 512]).unwrap();
-            volume.write_at(512, &[2; 512]).unwrap();
-            volume.bookmark("after").unwrap();
-        }
+        let (base, journal) = journaled(dir.path(), &[1, 2]);
         let segment = journal::segment_path(&journal, 1);
         let mut bytes = std::fs::read(&segment).unwrap();
         bytes[64 + 100] ^= 1; // inside the first record's payload (after the segment header)
@@ -508,10 +486,41 @@ mod tests {
         let out = dir.path().join("out.raw");
         let err = restore(&base, &journal, 1, &out, |_, _| {}).unwrap_err();
         assert!(corrupt(&err), "{err}");
-        assert!(!out.exists() && !out.with_extension("partial").exists());
+        assert!(!out.exists());
+        assert_no_temporary_files(dir.path());
         let err = crate::image_access::PointInTimeImage::open(&base, &journal, 1, false)
             .err()
             .expect("expose of a damaged journal opened");
         assert!(err.to_string().contains("damaged at byte 64"), "{err}");
+    }
+
+    /// Only the fixture's own files: a failed restore leaves no temporary file behind.
+    fn assert_no_temporary_files(dir: &Path) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name();
+            let name = name.to_string_lossy();
+            assert!(!name.starts_with('.'), "temporary file {name} left behind");
+        }
+    }
+
+    /// A directory fsync cannot be made to fail for real, so this arms the failpoint seam
+    /// of `sealvm_os::durable` (feature `failpoints`, on for this crate's tests).
+    #[test]
+    fn restore_returns_a_failed_directory_sync() {
+        use sealvm_os::durable::{failpoint, Step};
+        let dir = tempfile::tempdir().unwrap();
+        let (base, journal) = journaled(dir.path(), &[7]);
+        let out = dir.path().join("out.raw");
+        failpoint::fail_next(Step::SyncDir);
+        let err = restore(&base, &journal, 1, &out, |_, _| {}).unwrap_err();
+        failpoint::clear();
+        match &err {
+            PitError::Write(replace) => assert_eq!(replace.step, Step::SyncDir, "{err}"),
+            other => panic!("not a write error: {other}"),
+        }
+        // Without the failpoint the same restore succeeds and holds the journal's data.
+        restore(&base, &journal, 1, &out, |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap()[..512], [7; 512]);
+        assert_no_temporary_files(dir.path());
     }
 }

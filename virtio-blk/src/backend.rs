@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use sealvm_os::lock::{lock, LockError, LockMode, Wait};
+
 /// Storage a virtio-blk device serves. Offsets and lengths are in bytes and already checked
 /// against the capacity by the request parser. Methods take `&self` so that several queues
 /// can share one backend; implementations do their own locking.
@@ -110,17 +112,20 @@ impl RawFile {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let operation = if read_only {
-            libc::LOCK_SH
+        let mode = if read_only {
+            LockMode::Shared
         } else {
-            libc::LOCK_EX
-        } | libc::LOCK_NB;
-        // SAFETY: flock only reads the descriptor number, which `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
-            return Err(RawFileError::Locked {
+            LockMode::Exclusive
+        };
+        lock(&file, mode, Wait::NoWait).map_err(|error| match error {
+            LockError::Held => RawFileError::Locked {
                 path: path.to_path_buf(),
-            });
-        }
+            },
+            LockError::Io(source) => RawFileError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
         let size = file
             .metadata()
             .map_err(|source| RawFileError::Open {

@@ -8,6 +8,9 @@
 //! max_discard_seg u32 · `44` discard_sector_alignment u32 · `48` max_write_zeroes_sectors
 //! u32 · `52` max_write_zeroes_seg u32 · `56` write_zeroes_may_unmap u8 · `57..60` unused.
 
+use crate::request::Limits;
+use crate::SECTOR_SIZE;
+
 /// virtio-blk and transport feature bits.
 pub struct Features;
 
@@ -38,6 +41,25 @@ impl Features {
     pub const INDIRECT_DESC: u64 = 1 << 28;
     /// Virtio 1.x device (transport feature).
     pub const VERSION_1: u64 = 1 << 32;
+
+    /// The features every sealvm virtio-blk device offers for `limits`, whatever its
+    /// transport: virtio 1, event index, flush, block size, segment limits, topology, and
+    /// read-only or discard and write-zeroes. A transport adds its own (indirect
+    /// descriptors, a writable cache mode, multiqueue, vhost-user bits).
+    pub fn for_limits(limits: &Limits) -> u64 {
+        let common = Self::VERSION_1
+            | Self::EVENT_IDX
+            | Self::FLUSH
+            | Self::BLK_SIZE
+            | Self::SEG_MAX
+            | Self::SIZE_MAX
+            | Self::TOPOLOGY;
+        if limits.read_only {
+            common | Self::RO
+        } else {
+            common | Self::DISCARD | Self::WRITE_ZEROES
+        }
+    }
 }
 
 /// Size in bytes of the configuration space this crate lays out.
@@ -69,6 +91,26 @@ pub struct ConfigSpace {
 }
 
 impl ConfigSpace {
+    /// The configuration space of a device with `limits` and `num_queues` request queues,
+    /// its cache in write-back (`writeback`) or write-through mode. Every limit the driver
+    /// reads comes from `limits`, the same values the request parser enforces: `size_max`
+    /// is the most data in one request (a larger segment could not be served anyway),
+    /// `seg_max` the data segments (the chain less header and status).
+    pub fn from_limits(limits: &Limits, num_queues: u16, writeback: bool) -> Self {
+        ConfigSpace {
+            capacity_sectors: limits.capacity_sectors,
+            size_max: u32::try_from(limits.max_data_bytes).unwrap_or(u32::MAX),
+            seg_max: u32::try_from(limits.max_segments.saturating_sub(2)).unwrap_or(u32::MAX),
+            blk_size: SECTOR_SIZE as u32,
+            writeback: u8::from(writeback),
+            num_queues,
+            max_discard_sectors: limits.max_discard_sectors,
+            max_discard_seg: limits.max_discard_segments,
+            max_write_zeroes_sectors: limits.max_discard_sectors,
+            max_write_zeroes_seg: limits.max_discard_segments,
+        }
+    }
+
     /// The configuration space as the driver reads it.
     pub fn to_bytes(&self) -> [u8; CONFIG_SPACE_LEN] {
         let mut b = [0u8; CONFIG_SPACE_LEN];
@@ -98,5 +140,44 @@ impl ConfigSpace {
             return true;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u32_at(bytes: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn config_bytes_come_from_the_limits_the_parser_enforces() {
+        let limits = Limits::for_capacity(2048, false);
+        let bytes = ConfigSpace::from_limits(&limits, 4, true).to_bytes();
+        assert_eq!(u64::from_le_bytes(bytes[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32_at(&bytes, 8), 4 << 20, "size_max");
+        assert_eq!(u64::from(u32_at(&bytes, 8)), limits.max_data_bytes);
+        assert_eq!(u32_at(&bytes, 12), 128, "seg_max");
+        assert_eq!(u32_at(&bytes, 20), 512, "blk_size");
+        assert_eq!(bytes[32], 1, "writeback");
+        assert_eq!(u16::from_le_bytes([bytes[34], bytes[35]]), 4, "num_queues");
+        assert_eq!(u32_at(&bytes, 36), limits.max_discard_sectors);
+        assert_eq!(u32_at(&bytes, 40), 32, "max_discard_seg");
+        assert_eq!(u32_at(&bytes, 48), limits.max_discard_sectors);
+        assert_eq!(u32_at(&bytes, 52), 32, "max_write_zeroes_seg");
+        let write_through = ConfigSpace::from_limits(&limits, 1, false).to_bytes();
+        assert_eq!(write_through[32], 0);
+    }
+
+    #[test]
+    fn read_only_devices_offer_no_discard_or_write_zeroes() {
+        let read_only = Features::for_limits(&Limits::for_capacity(8, true));
+        assert_ne!(read_only & Features::RO, 0);
+        assert_eq!(read_only & (Features::DISCARD | Features::WRITE_ZEROES), 0);
+        let writable = Features::for_limits(&Limits::for_capacity(8, false));
+        assert_eq!(writable & Features::RO, 0);
+        assert_ne!(writable & Features::DISCARD, 0);
+        assert_ne!(writable & Features::WRITE_ZEROES, 0);
     }
 }

@@ -73,13 +73,16 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The most data bytes in one request, and so the largest segment (`size_max`).
+    pub const MAX_DATA_BYTES: u64 = 4 << 20;
+
     /// Limits for a disk of `capacity_sectors`, with sealvm's defaults: 128 data segments,
     /// 4 MiB per request, 1 GiB per discard segment, 32 discard segments.
     pub fn for_capacity(capacity_sectors: u64, read_only: bool) -> Self {
         Limits {
             capacity_sectors,
             max_segments: 128 + 2,
-            max_data_bytes: 4 << 20,
+            max_data_bytes: Self::MAX_DATA_BYTES,
             max_discard_sectors: (1 << 30) >> SECTOR_SHIFT,
             max_discard_segments: 32,
             read_only,

@@ -1,5 +1,8 @@
 use clap::{Parser, Subcommand};
 use sealvm::cli;
+use sealvm::cli::run::RunError;
+use sealvm_os::main_setup::{self, run_main, LogDefault};
+use std::process::ExitCode;
 
 /// sealvm — a KVM virtual machine monitor for shielded VMs.
 ///
@@ -8,9 +11,8 @@ use sealvm::cli;
 #[derive(Parser)]
 #[command(name = "sealvm", version, about, long_about)]
 struct Cli {
-    /// Print the full error chain on failure.
-    #[arg(short, long, global = true)]
-    verbose: bool,
+    #[command(flatten)]
+    verbosity: main_setup::Verbosity,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,27 +28,18 @@ enum Command {
     Run(Box<cli::run::RunArgs>),
 }
 
-fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {
-        Command::Bundle(args) => cli::bundle::run(args).map_err(Into::into),
-        Command::HelperPartition(args) => cli::helper_partition::run(args).map_err(Into::into),
-        Command::Run(args) => cli::run::run(&args).map_err(Into::into),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            // The one-line chain names the failed check ("bundle check failed: VM-state
-            // manifest failed its integrity check"); -v adds the structured detail.
-            eprintln!("sealvm: {error:#}");
-            if cli.verbose {
-                eprintln!("{error:?}");
-            }
-            std::process::ExitCode::FAILURE
+    // The one-line chain names the failed check ("bundle check failed: VM-state manifest
+    // failed its integrity check"); -v adds each cause on its own line.
+    run_main("sealvm", LogDefault::Warn, cli.verbosity, || {
+        match cli.command {
+            Command::Bundle(args) => cli::bundle::run(args).map_err(Into::into),
+            Command::HelperPartition(args) => cli::helper_partition::run(args).map_err(Into::into),
+            Command::Run(args) => cli::run::run(&args).map_err(|error| match error {
+                RunError::NoKernel | RunError::BadArgument(_) => main_setup::usage(error),
+                error => error.into(),
+            }),
         }
-    }
+    })
 }

@@ -99,6 +99,9 @@ impl Scratch {
                 lock::LockError::Held => std::io::Error::other("fresh owner file locked"),
             })?;
             let path = base.join(&name);
+            // Not a crash-safe file replacement (sealvm_os::durable): a directory on a
+            // memory file system, renamed so it appears only once it is locked; a crash
+            // loses it whatever is synced.
             std::fs::rename(&building, &path)?;
             Ok(Self {
                 path,

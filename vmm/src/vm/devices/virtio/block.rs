@@ -2,14 +2,11 @@
 //! shared `sealvm-virtio-blk` crate, run on a worker thread.
 
 use super::worker::Worker;
-use super::{
-    read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-};
+use super::{read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_BLOCK};
 use crate::vm::api::protocol as api;
-use sealvm_virtio_blk::request::Rejected;
 use sealvm_virtio_blk::{
-    serve_chain, BlockBackend, ConfigSpace, Features, Limits, RequestKind, Segment, Served,
+    serve_descriptor_chain, BlockBackend, ConfigSpace, FailureLog, Features, Limits, RequestKind,
+    Served,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +31,7 @@ pub struct Block {
     limits: Limits,
     config: ConfigSpace,
     counters: Arc<BlockCounters>,
+    failures: Arc<FailureLog>,
     worker: Option<Worker>,
     name: String,
 }
@@ -43,23 +41,14 @@ impl Block {
     pub fn new(backend: Arc<dyn BlockBackend>, read_only: bool, name: String) -> Self {
         let capacity_sectors = backend.capacity_bytes() / sealvm_virtio_blk::SECTOR_SIZE;
         let limits = Limits::for_capacity(capacity_sectors, read_only);
-        let config = ConfigSpace {
-            capacity_sectors,
-            size_max: limits.max_data_bytes as u32,
-            seg_max: (limits.max_segments - 2) as u32,
-            blk_size: 512,
-            writeback: 1,
-            num_queues: 1,
-            max_discard_sectors: limits.max_discard_sectors,
-            max_discard_seg: limits.max_discard_segments,
-            max_write_zeroes_sectors: limits.max_discard_sectors,
-            max_write_zeroes_seg: limits.max_discard_segments,
-        };
+        // One queue; CONFIG_WCE is not offered, so the cache stays write-back.
+        let config = ConfigSpace::from_limits(&limits, 1, true);
         Block {
             backend,
             limits,
             config,
             counters: Arc::default(),
+            failures: Arc::new(FailureLog::new(name.clone())),
             worker: None,
             name,
         }
@@ -76,19 +65,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | Features::FLUSH
-            | Features::BLK_SIZE
-            | Features::SEG_MAX
-            | Features::SIZE_MAX
-            | Features::TOPOLOGY;
-        if self.limits.read_only {
-            f |= Features::RO;
-        } else {
-            f |= Features::DISCARD | Features::WRITE_ZEROES;
-        }
-        f
+        Features::for_limits(&self.limits)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -114,7 +91,7 @@ impl VirtioDevice for Block {
         let backend = self.backend.clone();
         let limits = self.limits;
         let counters = self.counters.clone();
-        let name = self.name.clone();
+        let failures = self.failures.clone();
         let worker = Worker::spawn(&format!("blk-{}", self.name), queue_events, move |_| {
             if process_queue(
                 &mut queue,
@@ -122,7 +99,7 @@ impl VirtioDevice for Block {
                 backend.as_ref(),
                 &limits,
                 &counters,
-                &name,
+                &failures,
             ) {
                 interrupt.signal_used();
             }
@@ -167,7 +144,7 @@ pub fn process_queue(
     backend: &dyn BlockBackend,
     limits: &Limits,
     counters: &BlockCounters,
-    name: &str,
+    failures: &FailureLog,
 ) -> bool {
     let mut notify = false;
     loop {
@@ -176,38 +153,35 @@ pub fn process_queue(
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let segments: Vec<Segment> = chain
-                .clone()
-                .map(|d| Segment {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                })
-                .collect();
-            let used = serve_chain(mem, &segments, backend, limits, |served| match served {
-                Served::Ran { request, error, .. } => {
-                    let counter = match (request.kind, &error) {
-                        (RequestKind::In, None) => Some((&counters.read_bytes, request.data_len)),
-                        (RequestKind::Out, None) => Some((&counters.write_bytes, request.data_len)),
-                        (RequestKind::Flush, None) => Some((&counters.flushes, 1)),
-                        _ => None,
-                    };
-                    if let Some((counter, by)) = counter {
-                        counter.fetch_add(by, Ordering::Relaxed);
+            let used =
+                serve_descriptor_chain(mem, &chain, backend, limits, |served| match served {
+                    Served::Ran { request, error, .. } => {
+                        let counter = match (request.kind, &error) {
+                            (RequestKind::In, None) => {
+                                Some((&counters.read_bytes, request.data_len))
+                            }
+                            (RequestKind::Out, None) => {
+                                Some((&counters.write_bytes, request.data_len))
+                            }
+                            (RequestKind::Flush, None) => Some((&counters.flushes, 1)),
+                            _ => None,
+                        };
+                        if let Some((counter, by)) = counter {
+                            counter.fetch_add(by, Ordering::Relaxed);
+                        }
+                        if let Some(error) = error {
+                            counters.errors.fetch_add(1, Ordering::Relaxed);
+                            failures.record(&error);
+                        }
                     }
-                    if let Some(error) = error {
+                    Served::Rejected(rejected) => {
                         counters.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(disk = name, %error, "request failed");
+                        failures.record(&rejected.error);
                     }
-                }
-                Served::Rejected(rejected) => {
-                    counters.errors.fetch_add(1, Ordering::Relaxed);
-                    log_rejected(name, rejected);
-                }
-            });
+                });
             counters.requests.fetch_add(1, Ordering::Relaxed);
             if queue.add_used(mem, head, used).is_err() {
-                tracing::warn!(disk = name, "cannot complete a request: used ring unusable");
+                tracing::warn!("cannot complete a request: used ring unusable");
                 return notify;
             }
             match queue.needs_notification(mem) {
@@ -221,8 +195,4 @@ pub fn process_queue(
             _ => return notify,
         }
     }
-}
-
-fn log_rejected(name: &str, rejected: &Rejected) {
-    tracing::debug!(disk = name, error = %rejected.error, "malformed request from the guest");
 }
