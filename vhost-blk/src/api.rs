@@ -45,7 +45,7 @@ use sealvm_journal::consumer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -124,10 +124,14 @@ enum ApiRequest {
     },
 }
 
-/// Serves the API for `volumes` on `path` on a background thread.
-pub fn spawn(path: &Path, volumes: Vec<ServedVolume>) -> io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+/// Serves the API for `volumes` on `path` on a background thread. `path` is bound with
+/// [`sealvm_os::socket::bind_removing`]: a file that is not a socket, or a socket another
+/// process serves, is refused; the returned guard removes the socket file when dropped.
+pub fn spawn(
+    path: &Path,
+    volumes: Vec<ServedVolume>,
+) -> Result<sealvm_os::socket::RemoveOnDrop, sealvm_os::socket::SocketError> {
+    let (listener, socket_file) = sealvm_os::socket::bind_removing(path)?;
     let volumes = Arc::new(volumes);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -139,7 +143,7 @@ pub fn spawn(path: &Path, volumes: Vec<ServedVolume>) -> io::Result<()> {
             });
         }
     });
-    Ok(())
+    Ok(socket_file)
 }
 
 fn serve_client(stream: UnixStream, volumes: &[ServedVolume]) -> io::Result<()> {

@@ -1,6 +1,6 @@
 //! Stopping `serve` cleanly on SIGTERM or SIGINT: stop taking records, make every
-//! journal durable (fdatasync and a sync point), exit 0 (1 if a journal could not be
-//! made durable). A SIGKILL or a power loss is what the journal's crash argument is for;
+//! journal durable (fdatasync and a sync point), remove the socket files this process
+//! bound, exit 0 (1 if a journal could not be made durable). A SIGKILL or a power loss is what the journal's crash argument is for;
 //! this is the orderly stop a service manager asks for.
 //!
 //! The signal handler only writes the signal's number to a pipe (async-signal-safe); a
@@ -75,6 +75,8 @@ pub fn stop_on_signals(volumes: Vec<Arc<JournaledVolume>>) -> io::Result<()> {
             if !failed {
                 tracing::info!("every journal is durable; exiting");
             }
+            // process::exit runs no destructors: remove the socket files here.
+            sealvm_os::socket::remove_bound();
             std::process::exit(i32::from(failed));
         })?;
     Ok(())

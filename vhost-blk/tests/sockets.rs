@@ -1,0 +1,209 @@
+//! `sealvm-blk` never steals or deletes a file at a socket path: for its vhost-user socket
+//! (`--socket`) and its API socket (`--api-socket`), a regular file is refused and left
+//! byte for byte, a socket another process serves is refused ("another process serves"),
+//! and only a stale socket file is replaced. The socket files are removed when it stops on
+//! SIGTERM or SIGINT.
+
+use sealvm_testkit::background::api_call;
+use sealvm_testkit::loadgen::BlkDriver;
+use sealvm_testkit::sockets::{self, Serving, PRECIOUS};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+/// A folder with a 1 MiB raw image and the two socket paths.
+struct Setup {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    api: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vol.raw"), vec![0u8; 1 << 20]).unwrap();
+        let socket = dir.path().join("vol.sock");
+        let api = dir.path().join("vol.api");
+        Setup { dir, socket, api }
+    }
+
+    fn serve(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sealvm-blk"));
+        command
+            .args(["serve", "--volume"])
+            .arg(format!("vol={}", self.dir.path().join("vol.raw").display()))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--api-socket")
+            .arg(&self.api);
+        command
+    }
+
+    fn spawn(&self) -> Serving {
+        Serving::spawn(&mut self.serve()).unwrap()
+    }
+
+    /// The path of the given kind of socket.
+    fn path(&self, kind: Kind) -> &Path {
+        match kind {
+            Kind::Vhost => &self.socket,
+            Kind::Api => &self.api,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Vhost,
+    Api,
+}
+
+fn a_regular_file_is_refused_and_left_intact(kind: Kind) {
+    let setup = Setup::new();
+    let path = setup.path(kind);
+    sockets::regular_file(path).unwrap();
+    let refusal = sockets::expect_exit(&mut setup.serve(), WITHIN).unwrap();
+    assert!(!refusal.status.success(), "{refusal:?}");
+    assert!(
+        refusal.stderr.contains("is not a socket")
+            && refusal.stderr.contains(&path.display().to_string()),
+        "{refusal:?}"
+    );
+    assert_eq!(std::fs::read(path).unwrap(), PRECIOUS);
+    // Nothing else was left behind either: the other socket, bound or not, is gone.
+    for other in [&setup.socket, &setup.api] {
+        if other != path {
+            assert!(!other.exists(), "{} left behind", other.display());
+        }
+    }
+}
+
+fn a_live_socket_is_refused(kind: Kind) {
+    let setup = Setup::new();
+    let path = setup.path(kind);
+    let owner = sockets::live_socket(path).unwrap();
+    let refusal = sockets::expect_exit(&mut setup.serve(), WITHIN).unwrap();
+    assert!(!refusal.status.success(), "{refusal:?}");
+    assert!(
+        refusal
+            .stderr
+            .contains(&format!("another process serves {}", path.display())),
+        "{refusal:?}"
+    );
+    // The owner keeps its socket: a client still reaches it.
+    let _client = std::os::unix::net::UnixStream::connect(path).unwrap();
+    owner.accept().unwrap();
+}
+
+fn a_stale_socket_is_replaced_and_served(kind: Kind) {
+    let setup = Setup::new();
+    let path = setup.path(kind);
+    sockets::stale_socket(path).unwrap();
+    let mut serving = setup.spawn();
+    for served in [&setup.socket, &setup.api] {
+        serving.wait_until_served(served, WITHIN).unwrap();
+    }
+    // Both sockets work: a vhost-user frontend writes and reads back, the API answers.
+    let mut driver = BlkDriver::connect(&setup.socket, Duration::from_secs(10)).unwrap();
+    driver.write(8, &[7u8; 4096]).unwrap();
+    assert_eq!(driver.read(8, 4096).unwrap(), vec![7u8; 4096]);
+    let volumes = api_call(&setup.api, &json!({"command": "volumes"})).unwrap();
+    assert_eq!(volumes[0]["name"], "vol", "{volumes}");
+}
+
+#[test]
+fn a_regular_file_at_the_vhost_socket_is_refused_and_left_intact() {
+    a_regular_file_is_refused_and_left_intact(Kind::Vhost);
+}
+
+#[test]
+fn a_regular_file_at_the_api_socket_is_refused_and_left_intact() {
+    a_regular_file_is_refused_and_left_intact(Kind::Api);
+}
+
+#[test]
+fn a_live_vhost_socket_is_refused() {
+    a_live_socket_is_refused(Kind::Vhost);
+}
+
+#[test]
+fn a_live_api_socket_is_refused() {
+    a_live_socket_is_refused(Kind::Api);
+}
+
+#[test]
+fn a_stale_vhost_socket_is_replaced_and_served() {
+    a_stale_socket_is_replaced_and_served(Kind::Vhost);
+}
+
+#[test]
+fn a_stale_api_socket_is_replaced_and_served() {
+    a_stale_socket_is_replaced_and_served(Kind::Api);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_api_socket_is_refused_and_the_first_keeps_answering() {
+    let first = Setup::new();
+    let mut running = first.spawn();
+    running.wait_until_served(&first.api, WITHIN).unwrap();
+    // The second daemon serves another volume on its own vhost socket, but the same API.
+    let second = Setup::new();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sealvm-blk"));
+    command
+        .args(["serve", "--volume"])
+        .arg(format!(
+            "other={}",
+            second.dir.path().join("vol.raw").display()
+        ))
+        .arg("--socket")
+        .arg(&second.socket)
+        .arg("--api-socket")
+        .arg(&first.api);
+    let refusal = sockets::expect_exit(&mut command, WITHIN).unwrap();
+    assert!(!refusal.status.success(), "{refusal:?}");
+    assert!(
+        refusal
+            .stderr
+            .contains(&format!("another process serves {}", first.api.display())),
+        "{refusal:?}"
+    );
+    assert!(
+        !second.socket.exists(),
+        "the refused daemon left its vhost socket"
+    );
+    // The first daemon still answers on its API socket, for its own volume.
+    let volumes = api_call(&first.api, &json!({"command": "volumes"})).unwrap();
+    assert_eq!(volumes[0]["name"], "vol", "{volumes}");
+    assert!(
+        running.child().try_wait().unwrap().is_none(),
+        "the first daemon stopped"
+    );
+}
+
+fn removes_its_sockets_on(signal: libc::c_int) {
+    let setup = Setup::new();
+    let mut serving = setup.spawn();
+    for served in [&setup.socket, &setup.api] {
+        serving.wait_until_served(served, WITHIN).unwrap();
+    }
+    let child = serving.into_child();
+    // SAFETY: kill only sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!setup.socket.exists(), "the vhost-user socket was left");
+    assert!(!setup.api.exists(), "the API socket was left");
+}
+
+#[test]
+fn sigterm_removes_both_socket_files() {
+    removes_its_sockets_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_removes_both_socket_files() {
+    removes_its_sockets_on(libc::SIGINT);
+}
