@@ -9,9 +9,10 @@ use super::devices::serial::bind_socket;
 use super::devices::virtio::mmio::MmioTransport;
 use super::layout::{virtio_gsi, virtio_mmio_base};
 use super::vcpu::{ExitCounters, RunControl};
+use sealvm_os::socket::RemoveOnDrop;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -33,12 +34,14 @@ pub struct ApiContext {
     pub stop: StopSignal,
 }
 
-/// A listening API socket; its thread ends with the process.
-pub struct ApiServer;
+/// Binds the API socket at `path` (see [`bind_socket`]: never over a file that is not a
+/// stale socket); the guard removes the socket file when dropped.
+pub fn bind(path: &Path) -> std::io::Result<(UnixListener, RemoveOnDrop)> {
+    bind_socket(path)
+}
 
-/// Starts answering on `path`.
-pub fn serve(path: &Path, ctx: ApiContext) -> std::io::Result<ApiServer> {
-    let listener = bind_socket(path)?;
+/// Starts answering on `listener` on a thread of its own, which ends with the process.
+pub fn serve(listener: UnixListener, ctx: ApiContext) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -49,7 +52,7 @@ pub fn serve(path: &Path, ctx: ApiContext) -> std::io::Result<ApiServer> {
                     .spawn(move || client(stream, &ctx));
             }
         })?;
-    Ok(ApiServer)
+    Ok(())
 }
 
 fn client(stream: UnixStream, ctx: &ApiContext) {
