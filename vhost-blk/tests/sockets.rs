@@ -2,7 +2,7 @@
 //! (`--socket`) and its API socket (`--api-socket`), a regular file is refused and left
 //! byte for byte, a socket another process serves is refused ("another process serves"),
 //! and only a stale socket file is replaced. The socket files are removed when it stops on
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT. `serve` and `pit expose` both.
 
 use sealvm_testkit::background::api_call;
 use sealvm_testkit::loadgen::BlkDriver;
@@ -206,4 +206,98 @@ fn sigterm_removes_both_socket_files() {
 #[test]
 fn sigint_removes_both_socket_files() {
     removes_its_sockets_on(libc::SIGINT);
+}
+
+/// `pit expose` of the latest point of a journal made by a `serve` that ran and stopped.
+struct Exposed {
+    setup: Setup,
+}
+
+impl Exposed {
+    fn new() -> Self {
+        let setup = Setup::new();
+        let journal = setup.dir.path().join("vol.journal");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sealvm-blk"));
+        command
+            .args(["serve", "--volume"])
+            .arg(format!(
+                "vol={},journal={}",
+                setup.dir.path().join("vol.raw").display(),
+                journal.display()
+            ))
+            .arg("--socket")
+            .arg(&setup.socket);
+        let mut serving = Serving::spawn(&mut command).unwrap();
+        serving.wait_until_served(&setup.socket, WITHIN).unwrap();
+        let child = serving.into_child();
+        // SAFETY: kill only sends a signal to the child this test started.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+        assert!(child.wait_with_output().unwrap().status.success());
+        Exposed { setup }
+    }
+
+    fn expose(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sealvm-blk"));
+        command
+            .args(["pit", "expose", "--at", "latest", "--base"])
+            .arg(self.setup.dir.path().join("vol.raw"))
+            .arg("--journal")
+            .arg(self.setup.dir.path().join("vol.journal"))
+            .arg("--socket")
+            .arg(&self.setup.socket)
+            .arg("--api-socket")
+            .arg(&self.setup.api);
+        command
+    }
+}
+
+#[test]
+fn pit_expose_refuses_a_regular_file_and_a_live_socket() {
+    let exposed = Exposed::new();
+    let setup = &exposed.setup;
+    sockets::regular_file(&setup.socket).unwrap();
+    let refusal = sockets::expect_exit(&mut exposed.expose(), WITHIN).unwrap();
+    assert!(!refusal.status.success(), "{refusal:?}");
+    assert!(refusal.stderr.contains("is not a socket"), "{refusal:?}");
+    assert_eq!(std::fs::read(&setup.socket).unwrap(), PRECIOUS);
+    std::fs::remove_file(&setup.socket).unwrap();
+
+    let owner = sockets::live_socket(&setup.api).unwrap();
+    let refusal = sockets::expect_exit(&mut exposed.expose(), WITHIN).unwrap();
+    assert!(!refusal.status.success(), "{refusal:?}");
+    assert!(
+        refusal
+            .stderr
+            .contains(&format!("another process serves {}", setup.api.display())),
+        "{refusal:?}"
+    );
+    assert!(
+        !setup.socket.exists(),
+        "the refused expose left its vhost socket"
+    );
+    let _client = std::os::unix::net::UnixStream::connect(&setup.api).unwrap();
+    owner.accept().unwrap();
+}
+
+#[test]
+fn pit_expose_replaces_stale_sockets_and_removes_them_on_sigterm() {
+    let exposed = Exposed::new();
+    let setup = &exposed.setup;
+    sockets::stale_socket(&setup.socket).unwrap();
+    sockets::stale_socket(&setup.api).unwrap();
+    let mut serving = Serving::spawn(&mut exposed.expose()).unwrap();
+    for served in [&setup.socket, &setup.api] {
+        serving.wait_until_served(served, WITHIN).unwrap();
+    }
+    let volumes = api_call(&setup.api, &json!({"command": "volumes"})).unwrap();
+    assert_eq!(volumes[0]["name"], "point-in-time", "{volumes}");
+    let child = serving.into_child();
+    // SAFETY: kill only sends a signal to the child this test started.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!setup.socket.exists(), "the vhost-user socket was left");
+    assert!(!setup.api.exists(), "the API socket was left");
 }

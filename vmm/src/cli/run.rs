@@ -87,7 +87,7 @@ pub enum RunError {
     #[error("the VM stopped: {0}")]
     Stopped(&'static str),
     /// The guest's vTPM did not start.
-    #[error("guest vTPM")]
+    #[error("the guest's vTPM could not be started")]
     Vtpm(#[from] VtpmError),
     /// The guest's vTPM did not shut down or its state did not go back into the bundle.
     #[error("the vTPM state could not be written back into the bundle")]
