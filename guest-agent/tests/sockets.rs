@@ -2,7 +2,7 @@
 //! regular file is refused and left byte for byte, a socket another process serves is
 //! refused ("another process serves"), and only a stale socket file is replaced.
 
-use sealvm_testkit::sockets::{self, Serving, PRECIOUS};
+use sealvm_testkit::sockets::{self, Serving};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -27,14 +27,7 @@ fn a_regular_file_at_the_socket_is_refused_and_left_intact() {
     let socket = dir.path().join("agent.sock");
     sockets::regular_file(&socket).unwrap();
     let refusal = sockets::expect_exit(&mut serve(dir.path(), &socket), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("{} exists and is not a socket", socket.display())),
-        "{refusal:?}"
-    );
-    assert_eq!(std::fs::read(&socket).unwrap(), PRECIOUS);
+    refusal.assert_not_a_socket(&socket);
 }
 
 #[test]
@@ -43,13 +36,7 @@ fn a_live_socket_is_refused() {
     let socket = dir.path().join("agent.sock");
     let owner = sockets::live_socket(&socket).unwrap();
     let refusal = sockets::expect_exit(&mut serve(dir.path(), &socket), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("another process serves {}", socket.display())),
-        "{refusal:?}"
-    );
+    refusal.assert_served_by_another(&socket);
     let _client = UnixStream::connect(&socket).unwrap();
     owner.accept().unwrap();
 }

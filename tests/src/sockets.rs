@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// What a test writes into the regular file it puts at a socket path, to check afterwards
@@ -78,6 +78,25 @@ pub struct Refusal {
     pub status: ExitStatus,
     /// Everything it wrote to stderr.
     pub stderr: String,
+}
+
+impl Refusal {
+    /// Panics (as a test should) unless the process failed and said that `path` is not a
+    /// socket, and the regular file there still holds [`PRECIOUS`], byte for byte.
+    pub fn assert_not_a_socket(&self, path: &Path) {
+        assert!(!self.status.success(), "{self:?}");
+        let said = format!("{} exists and is not a socket", path.display());
+        assert!(self.stderr.contains(&said), "expected {said:?}: {self:?}");
+        assert_eq!(std::fs::read(path).ok().as_deref(), Some(PRECIOUS));
+    }
+
+    /// Panics (as a test should) unless the process failed and said that another process
+    /// serves `path`.
+    pub fn assert_served_by_another(&self, path: &Path) {
+        assert!(!self.status.success(), "{self:?}");
+        let said = format!("another process serves {}", path.display());
+        assert!(self.stderr.contains(&said), "expected {said:?}: {self:?}");
+    }
 }
 
 /// Runs `command` (stdin and stdout closed, stderr captured), which should refuse its
@@ -183,11 +202,32 @@ impl Serving {
         wait_until_served(path, self.child(), within)
     }
 
-    /// The process, no longer killed on drop (to signal it and wait for its exit).
+    /// The process, no longer killed on drop.
     pub fn into_child(mut self) -> Child {
         self.child
             .take()
             .expect("the child is present until into_child or drop")
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT) and waits for the process to exit.
+    /// On an error the process is killed and reaped, as on drop.
+    pub fn stop_with(mut self, signal: libc::c_int) -> Result<Output, SocketFixtureError> {
+        let id = self.child().id();
+        let pid = libc::pid_t::try_from(id).map_err(|_| SocketFixtureError::Io {
+            what: format!("process id {id} does not fit a pid_t"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: kill only sends a signal, to the child this fixture started and has not
+        // reaped yet (so the id is still its).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(SocketFixtureError::Io {
+                what: format!("cannot signal process {pid}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.into_child()
+            .wait_with_output()
+            .map_err(io(format!("cannot wait for process {pid}")))
     }
 }
 

@@ -7,7 +7,7 @@
 //! The probe guest (images/probe-guest) runs on /dev/kvm; without /dev/kvm the tests say
 //! why they skip.
 
-use sealvm_testkit::sockets::{self, Serving, PRECIOUS};
+use sealvm_testkit::sockets::{self, Serving};
 use sealvm_testkit::Workspace;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -91,14 +91,7 @@ fn a_regular_file_is_refused_and_left_intact(kind: Kind) {
     let path = setup.path(kind);
     sockets::regular_file(path).unwrap();
     let refusal = sockets::expect_exit(&mut setup.run(), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{kind:?}: {refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("{} exists and is not a socket", path.display())),
-        "{kind:?}: {refusal:?}"
-    );
-    assert_eq!(std::fs::read(path).unwrap(), PRECIOUS, "{kind:?}");
+    refusal.assert_not_a_socket(path);
     for other in KINDS.map(|k| setup.path(k)) {
         if other != path {
             assert!(!other.exists(), "{kind:?}: {} left behind", other.display());
@@ -111,13 +104,7 @@ fn a_live_socket_is_refused(kind: Kind) {
     let path = setup.path(kind);
     let owner = sockets::live_socket(path).unwrap();
     let refusal = sockets::expect_exit(&mut setup.run(), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{kind:?}: {refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("another process serves {}", path.display())),
-        "{kind:?}: {refusal:?}"
-    );
+    refusal.assert_served_by_another(path);
     // The owner keeps its socket: a client still reaches it.
     let _client = std::os::unix::net::UnixStream::connect(path).unwrap();
     owner.accept().unwrap();
@@ -172,11 +159,7 @@ fn stale_api_serial_and_console_sockets_are_replaced_served_and_removed_on_sigte
     let mut answer = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(api), &mut answer).unwrap();
     assert!(answer.contains("\"ok\":true"), "{answer}");
-    let child = serving.into_child();
-    // SAFETY: kill only sends a signal to the child this test started.
-    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(sent, 0);
-    let output = child.wait_with_output().unwrap();
+    let output = serving.stop_with(libc::SIGTERM).unwrap();
     assert!(output.status.success(), "{output:?}");
     for kind in KINDS {
         assert!(

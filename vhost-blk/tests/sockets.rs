@@ -6,7 +6,7 @@
 
 use sealvm_testkit::background::api_call;
 use sealvm_testkit::loadgen::BlkDriver;
-use sealvm_testkit::sockets::{self, Serving, PRECIOUS};
+use sealvm_testkit::sockets::{self, Serving};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -66,13 +66,7 @@ fn a_regular_file_is_refused_and_left_intact(kind: Kind) {
     let path = setup.path(kind);
     sockets::regular_file(path).unwrap();
     let refusal = sockets::expect_exit(&mut setup.serve(), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(
-        refusal.stderr.contains("is not a socket")
-            && refusal.stderr.contains(&path.display().to_string()),
-        "{refusal:?}"
-    );
-    assert_eq!(std::fs::read(path).unwrap(), PRECIOUS);
+    refusal.assert_not_a_socket(path);
     // Nothing else was left behind either: the other socket, bound or not, is gone.
     for other in [&setup.socket, &setup.api] {
         if other != path {
@@ -86,13 +80,7 @@ fn a_live_socket_is_refused(kind: Kind) {
     let path = setup.path(kind);
     let owner = sockets::live_socket(path).unwrap();
     let refusal = sockets::expect_exit(&mut setup.serve(), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("another process serves {}", path.display())),
-        "{refusal:?}"
-    );
+    refusal.assert_served_by_another(path);
     // The owner keeps its socket: a client still reaches it.
     let _client = std::os::unix::net::UnixStream::connect(path).unwrap();
     owner.accept().unwrap();
@@ -163,13 +151,7 @@ fn a_second_daemon_on_the_same_api_socket_is_refused_and_the_first_keeps_answeri
         .arg("--api-socket")
         .arg(&first.api);
     let refusal = sockets::expect_exit(&mut command, WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("another process serves {}", first.api.display())),
-        "{refusal:?}"
-    );
+    refusal.assert_served_by_another(&first.api);
     assert!(
         !second.socket.exists(),
         "the refused daemon left its vhost socket"
@@ -189,10 +171,7 @@ fn removes_its_sockets_on(signal: libc::c_int) {
     for served in [&setup.socket, &setup.api] {
         serving.wait_until_served(served, WITHIN).unwrap();
     }
-    let child = serving.into_child();
-    // SAFETY: kill only sends a signal to the child this test started.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
-    let output = child.wait_with_output().unwrap();
+    let output = serving.stop_with(signal).unwrap();
     assert!(output.status.success(), "{output:?}");
     assert!(!setup.socket.exists(), "the vhost-user socket was left");
     assert!(!setup.api.exists(), "the API socket was left");
@@ -229,11 +208,8 @@ impl Exposed {
             .arg(&setup.socket);
         let mut serving = Serving::spawn(&mut command).unwrap();
         serving.wait_until_served(&setup.socket, WITHIN).unwrap();
-        let child = serving.into_child();
-        // SAFETY: kill only sends a signal to the child this test started.
-        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(sent, 0);
-        assert!(child.wait_with_output().unwrap().status.success());
+        let output = serving.stop_with(libc::SIGTERM).unwrap();
+        assert!(output.status.success(), "{output:?}");
         Exposed { setup }
     }
 
@@ -258,20 +234,12 @@ fn pit_expose_refuses_a_regular_file_and_a_live_socket() {
     let setup = &exposed.setup;
     sockets::regular_file(&setup.socket).unwrap();
     let refusal = sockets::expect_exit(&mut exposed.expose(), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(refusal.stderr.contains("is not a socket"), "{refusal:?}");
-    assert_eq!(std::fs::read(&setup.socket).unwrap(), PRECIOUS);
+    refusal.assert_not_a_socket(&setup.socket);
     std::fs::remove_file(&setup.socket).unwrap();
 
     let owner = sockets::live_socket(&setup.api).unwrap();
     let refusal = sockets::expect_exit(&mut exposed.expose(), WITHIN).unwrap();
-    assert!(!refusal.status.success(), "{refusal:?}");
-    assert!(
-        refusal
-            .stderr
-            .contains(&format!("another process serves {}", setup.api.display())),
-        "{refusal:?}"
-    );
+    refusal.assert_served_by_another(&setup.api);
     assert!(
         !setup.socket.exists(),
         "the refused expose left its vhost socket"
@@ -292,11 +260,7 @@ fn pit_expose_replaces_stale_sockets_and_removes_them_on_sigterm() {
     }
     let volumes = api_call(&setup.api, &json!({"command": "volumes"})).unwrap();
     assert_eq!(volumes[0]["name"], "point-in-time", "{volumes}");
-    let child = serving.into_child();
-    // SAFETY: kill only sends a signal to the child this test started.
-    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(sent, 0);
-    let output = child.wait_with_output().unwrap();
+    let output = serving.stop_with(libc::SIGTERM).unwrap();
     assert!(output.status.success(), "{output:?}");
     assert!(!setup.socket.exists(), "the vhost-user socket was left");
     assert!(!setup.api.exists(), "the API socket was left");
