@@ -2,7 +2,8 @@
 //! (`--api-socket`), its serial socket (`--serial socket=`) and its console socket
 //! (`--console socket=`), a regular file is refused and left byte for byte, a socket another
 //! process serves is refused ("another process serves"), and only a stale socket file is
-//! replaced. The socket files are removed when it stops on SIGTERM.
+//! replaced. The socket files are removed when it stops: on SIGTERM, SIGINT or the API's
+//! `shutdown`.
 //!
 //! The probe guest (images/probe-guest) runs on /dev/kvm; without /dev/kvm the tests say
 //! why they skip.
@@ -140,9 +141,26 @@ fn a_live_console_socket_is_refused() {
     a_live_socket_is_refused(Kind::Console);
 }
 
-/// Stale files at all three paths: each is replaced and served, and SIGTERM removes them.
-#[test]
-fn stale_api_serial_and_console_sockets_are_replaced_served_and_removed_on_sigterm() {
+/// How a test ends the VM.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    Signal(libc::c_int),
+    /// The API's `shutdown` command.
+    ApiShutdown,
+}
+
+/// A line sent to the API socket and the answer.
+fn api_call(path: &Path, line: &str) -> String {
+    let mut api = std::os::unix::net::UnixStream::connect(path).unwrap();
+    std::io::Write::write_all(&mut api, format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(api), &mut answer).unwrap();
+    answer
+}
+
+/// Stale files at all three paths: each is replaced and served, and ending the VM removes
+/// them.
+fn stale_sockets_are_replaced_served_and_removed(ending: Ending) {
     let Some(setup) = Setup::new() else { return };
     for kind in KINDS {
         sockets::stale_socket(setup.path(kind)).unwrap();
@@ -154,17 +172,36 @@ fn stale_api_serial_and_console_sockets_are_replaced_served_and_removed_on_sigte
             .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
     }
     // The API answers: it is sealvm's, not a leftover.
-    let mut api = std::os::unix::net::UnixStream::connect(&setup.api).unwrap();
-    std::io::Write::write_all(&mut api, b"{\"command\":\"info\"}\n").unwrap();
-    let mut answer = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(api), &mut answer).unwrap();
-    assert!(answer.contains("\"ok\":true"), "{answer}");
-    let output = serving.stop_with(libc::SIGTERM).unwrap();
-    assert!(output.status.success(), "{output:?}");
+    let answer = api_call(&setup.api, r#"{"command":"info"}"#);
+    assert!(answer.contains(r#""ok":true"#), "{answer}");
+    let output = match ending {
+        Ending::Signal(signal) => serving.stop_with(signal).unwrap(),
+        Ending::ApiShutdown => {
+            let answer = api_call(&setup.api, r#"{"command":"shutdown"}"#);
+            assert!(answer.contains(r#""ok":true"#), "{answer}");
+            serving.into_child().wait_with_output().unwrap()
+        }
+    };
+    assert!(output.status.success(), "{ending:?}: {output:?}");
     for kind in KINDS {
         assert!(
             !setup.path(kind).exists(),
-            "{kind:?}: the socket file was left after SIGTERM"
+            "{kind:?}: the socket file was left after {ending:?}"
         );
     }
+}
+
+#[test]
+fn stale_sockets_are_replaced_served_and_removed_on_sigterm() {
+    stale_sockets_are_replaced_served_and_removed(Ending::Signal(libc::SIGTERM));
+}
+
+#[test]
+fn stale_sockets_are_replaced_served_and_removed_on_sigint() {
+    stale_sockets_are_replaced_served_and_removed(Ending::Signal(libc::SIGINT));
+}
+
+#[test]
+fn stale_sockets_are_replaced_served_and_removed_on_api_shutdown() {
+    stale_sockets_are_replaced_served_and_removed(Ending::ApiShutdown);
 }
