@@ -1,6 +1,7 @@
 //! `sealvm-agent serve --unix PATH` never steals or deletes a file at its socket path: a
 //! regular file is refused and left byte for byte, a socket another process serves is
-//! refused ("another process serves"), and only a stale socket file is replaced.
+//! refused ("another process serves"), and only a stale socket file is replaced. SIGTERM
+//! and SIGINT end it and remove the socket file.
 
 use sealvm_testkit::sockets::{self, Serving};
 use std::io::{BufRead, BufReader, Write};
@@ -61,4 +62,24 @@ fn a_stale_socket_is_replaced_and_served() {
     let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(answer["id"], 7, "{line}");
     assert!(answer.get("return").is_some(), "{line}");
+}
+
+fn removes_its_socket_on(signal: libc::c_int) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut agent = Serving::spawn(&mut serve(dir.path(), &socket)).unwrap();
+    agent.wait_until_served(&socket, WITHIN).unwrap();
+    let output = agent.stop_with(signal).unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!socket.exists(), "the agent left its socket file");
+}
+
+#[test]
+fn sigterm_removes_the_socket_file() {
+    removes_its_socket_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_removes_the_socket_file() {
+    removes_its_socket_on(libc::SIGINT);
 }

@@ -100,7 +100,7 @@ pub enum RunError {
     BundlePoisoned,
     /// SIGTERM/SIGINT handling could not be set up.
     #[error("cannot install the SIGTERM/SIGINT handlers")]
-    Signals(#[source] std::io::Error),
+    Signals(#[source] sealvm_os::signals::SignalError),
     /// A termination signal arrived before the guest started; nothing ran.
     #[error("stopped by {0} before the guest started")]
     Interrupted(&'static str),
