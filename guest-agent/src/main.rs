@@ -80,7 +80,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             });
             match (path, unix) {
                 (Some(path), _) => sealvm_agent::server::serve_port(&agent, &path)?,
-                (None, Some(unix)) => sealvm_agent::server::serve_unix(&agent, &unix)?,
+                (None, Some(unix)) => {
+                    // serve_unix never returns on its own: SIGTERM and SIGINT end it, and take
+                    // its socket file with it.
+                    sealvm_os::signals::watch_termination(|signo| {
+                        tracing::info!(
+                            signal = sealvm_os::signals::name(signo),
+                            "stopping: removing the socket"
+                        );
+                        sealvm_os::socket::remove_bound();
+                        std::process::exit(0);
+                    })
+                    .context("cannot install the signal handlers")?;
+                    sealvm_agent::server::serve_unix(&agent, &unix)?
+                }
                 (None, None) => unreachable!("clap requires --path or --unix"),
             }
             Ok(())

@@ -10,7 +10,6 @@ use crate::agent::{Agent, Reply};
 use crate::protocol::{encode_error, Decoded, Decoder};
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +25,10 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// The unix socket could not be bound: its path holds something that is not a socket,
+    /// or another process serves it.
+    #[error("cannot listen on the agent socket")]
+    Socket(#[source] sealvm_os::socket::SocketError),
 }
 
 /// How long to wait before reading a port again after the host went away.
@@ -58,13 +61,13 @@ pub fn serve_port(agent: &Agent, path: &Path) -> Result<(), ServeError> {
     }
 }
 
-/// Listens on a unix socket and serves one client at a time, forever.
+/// Listens on a unix socket and serves one client at a time, forever. The path is bound
+/// with [`sealvm_os::socket::bind_removing`]: a file that is not a socket and a socket
+/// another process serves are refused, a stale socket file is replaced; the socket file is
+/// removed when this returns.
 pub fn serve_unix(agent: &Agent, path: &Path) -> Result<(), ServeError> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| ServeError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (listener, _socket_file) =
+        sealvm_os::socket::bind_removing(path).map_err(ServeError::Socket)?;
     tracing::info!(path = %path.display(), "serving on unix socket");
     for stream in listener.incoming() {
         match stream {

@@ -4,7 +4,8 @@
 //! codes, the request line limit, the serving loop and the client); [`lock`] takes `flock` locks; [`durable`] replaces files so a crash leaves the old or the
 //! new contents, never a mix, and returns every error (a lost directory sync is an error);
 //! [`socket`] binds unix sockets without ever deleting a file that is not a socket or
-//! stealing a socket that something still serves; [`main_setup`] gives the four binaries
+//! stealing a socket that something still serves; [`signals`] catches SIGTERM and SIGINT
+//! and hands them to a binary's reaction on a thread; [`main_setup`] gives the four binaries
 //! one way to log, print errors and exit. It deliberately holds nothing about VMs, disks or
 //! journals.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -13,4 +14,5 @@ pub mod api_socket;
 pub mod durable;
 pub mod lock;
 pub mod main_setup;
+pub mod signals;
 pub mod socket;

@@ -17,6 +17,7 @@ pub mod loadgen;
 pub mod paths;
 pub mod qemu;
 pub mod sealvm_vm;
+pub mod sockets;
 pub mod swtpm;
 
 pub use background::{Background, BlkDaemon};

@@ -20,7 +20,7 @@ use protocol::{
 use sealvm_journal::consumer;
 pub use sealvm_os::api_socket::{call, ClientError};
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,10 +40,14 @@ pub struct ServedVolume {
     pub image: Option<Arc<PointInTimeImage>>,
 }
 
-/// Serves the API for `volumes` on `path` on a background thread.
-pub fn spawn(path: &Path, volumes: Vec<ServedVolume>) -> io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+/// Serves the API for `volumes` on `path` on a background thread. `path` is bound with
+/// [`sealvm_os::socket::bind_removing`]: a file that is not a socket, or a socket another
+/// process serves, is refused; the returned guard removes the socket file when dropped.
+pub fn spawn(
+    path: &Path,
+    volumes: Vec<ServedVolume>,
+) -> Result<sealvm_os::socket::RemoveOnDrop, sealvm_os::socket::SocketError> {
+    let (listener, socket_file) = sealvm_os::socket::bind_removing(path)?;
     let volumes = Arc::new(volumes);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -55,7 +59,7 @@ pub fn spawn(path: &Path, volumes: Vec<ServedVolume>) -> io::Result<()> {
             });
         }
     });
-    Ok(())
+    Ok(socket_file)
 }
 
 fn serve_client(stream: UnixStream, volumes: &[ServedVolume]) -> io::Result<()> {

@@ -250,22 +250,30 @@ fn run(command: Command) -> anyhow::Result<()> {
                 let image = Arc::new(PointInTimeImage::open(&base, &journal, seq, writable)?);
                 tracing::info!(seq, writable, "exposing point in time");
                 let device = Arc::new(BlockDevice::new(image.clone(), !writable, 1));
-                if let Some(api_socket) = &api_socket {
-                    api::spawn(
-                        api_socket,
-                        vec![ServedVolume {
-                            name: "point-in-time".into(),
-                            path: base.clone(),
-                            device: device.clone(),
-                            journal: None,
-                            image: Some(image),
-                        }],
-                    )
-                    .with_context(|| {
-                        format!("cannot listen on the API socket {}", api_socket.display())
-                    })?;
-                }
-                serve_device("point-in-time", device, &socket)
+                // SIGTERM/SIGINT: remove the sockets and exit 0 (nothing to make durable: an
+                // exposed point in time writes no journal).
+                sealvm_blk::shutdown::stop_on_signals(Vec::new())
+                    .context("cannot install the signal handlers")?;
+                let (listener, _socket_file) = bind_vhost(&socket)?;
+                let _api_socket_file = match &api_socket {
+                    Some(api_socket) => Some(
+                        api::spawn(
+                            api_socket,
+                            vec![ServedVolume {
+                                name: "point-in-time".into(),
+                                path: base.clone(),
+                                device: device.clone(),
+                                journal: None,
+                                image: Some(image),
+                            }],
+                        )
+                        .with_context(|| {
+                            format!("cannot listen on the API socket {}", api_socket.display())
+                        })?,
+                    ),
+                    None => None,
+                };
+                serve_device("point-in-time", device, listener, &socket)
             }
             PitCommand::Restore {
                 base,
@@ -347,19 +355,29 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
         served.iter().filter_map(|v| v.journal.clone()).collect(),
     )
     .context("cannot install the signal handlers")?;
+    // Every socket is bound before any is served, so a refused path stops the process
+    // before a frontend or client could connect; the guards remove the files on the way out.
+    let mut listeners = Vec::new();
+    let mut socket_files = Vec::new();
+    for volume in &config.volumes {
+        let (listener, socket_file) = bind_vhost(&volume.socket)?;
+        listeners.push(listener);
+        socket_files.push(socket_file);
+    }
     if let Some(api_socket) = &config.api_socket {
-        api::spawn(api_socket, served.clone())
+        let socket_file = api::spawn(api_socket, served.clone())
             .with_context(|| format!("cannot listen on the API socket {}", api_socket.display()))?;
+        socket_files.push(socket_file);
     }
     // One thread per volume; the first that fails ends the process with its error.
     let (failed, failure) = std::sync::mpsc::channel();
-    for (volume, config) in served.into_iter().zip(&config.volumes) {
+    for ((volume, config), listener) in served.into_iter().zip(&config.volumes).zip(listeners) {
         let failed = failed.clone();
         let socket = config.socket.clone();
         std::thread::Builder::new()
             .name(format!("serve-{}", volume.name))
             .spawn(move || {
-                let result = serve_device(&volume.name, volume.device, &socket)
+                let result = serve_device(&volume.name, volume.device, listener, &socket)
                     .with_context(|| format!("volume {}", volume.name));
                 let _ = failed.send(result);
             })
@@ -372,17 +390,28 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
 }
 
-/// Serves `device` on `socket`, one frontend at a time, forever.
+/// Binds a vhost-user socket at `socket` (refusing a file that is not a socket and a socket
+/// another process serves; replacing only a stale one), with the guard that removes it.
+fn bind_vhost(
+    socket: &std::path::Path,
+) -> anyhow::Result<(vhost::vhost_user::Listener, sealvm_os::socket::RemoveOnDrop)> {
+    let (listener, socket_file) = sealvm_os::socket::bind_removing(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    // A listener made from a bound socket does not unlink the path when dropped: the guard
+    // does, and only while the file is still this socket.
+    Ok((vhost::vhost_user::Listener::from(listener), socket_file))
+}
+
+/// Serves `device` on `listener` (bound at `socket`), one frontend at a time, forever.
 fn serve_device(
     name: &str,
     device: Arc<BlockDevice>,
+    mut listener: vhost::vhost_user::Listener,
     socket: &std::path::Path,
 ) -> anyhow::Result<()> {
     tracing::info!(volume = %name, socket = %socket.display(), "serving");
     // One frontend at a time; when it disconnects, wait for the next (a rebooted VM). The
     // socket stays bound throughout, so a frontend that reconnects at once finds it.
-    let mut listener = vhost::vhost_user::Listener::new(socket, true)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
     loop {
         // A daemon per connection: vhost-user ownership (SET_OWNER) belongs to one frontend.
         let mut daemon = VhostUserDaemon::new(

@@ -87,7 +87,7 @@ pub enum RunError {
     #[error("the VM stopped: {0}")]
     Stopped(&'static str),
     /// The guest's vTPM did not start.
-    #[error("guest vTPM")]
+    #[error("the guest's vTPM could not be started")]
     Vtpm(#[from] VtpmError),
     /// The guest's vTPM did not shut down or its state did not go back into the bundle.
     #[error("the vTPM state could not be written back into the bundle")]
@@ -100,7 +100,7 @@ pub enum RunError {
     BundlePoisoned,
     /// SIGTERM/SIGINT handling could not be set up.
     #[error("cannot install the SIGTERM/SIGINT handlers")]
-    Signals(#[source] std::io::Error),
+    Signals(#[source] sealvm_os::signals::SignalError),
     /// A termination signal arrived before the guest started; nothing ran.
     #[error("stopped by {0} before the guest started")]
     Interrupted(&'static str),

@@ -17,7 +17,8 @@ use protocol::{
     ApiError, CountersAnswer, DeviceCountersEntry, DeviceInfo, Info, Reply, Request, StateAnswer,
     VmState,
 };
-use std::os::unix::net::UnixStream;
+use sealvm_os::socket::RemoveOnDrop;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -36,12 +37,14 @@ pub struct ApiContext {
     pub stop: StopSignal,
 }
 
-/// A listening API socket; its thread ends with the process.
-pub struct ApiServer;
+/// Binds the API socket at `path` (see [`bind_socket`]: never over a file that is not a
+/// stale socket); the guard removes the socket file when dropped.
+pub fn bind(path: &Path) -> std::io::Result<(UnixListener, RemoveOnDrop)> {
+    bind_socket(path)
+}
 
-/// Starts answering on `path`.
-pub fn serve(path: &Path, ctx: ApiContext) -> std::io::Result<ApiServer> {
-    let listener = bind_socket(path)?;
+/// Starts answering on `listener` on a thread of its own, which ends with the process.
+pub fn serve(listener: UnixListener, ctx: ApiContext) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -52,7 +55,7 @@ pub fn serve(path: &Path, ctx: ApiContext) -> std::io::Result<ApiServer> {
                     .spawn(move || client(stream, &ctx));
             }
         })?;
-    Ok(ApiServer)
+    Ok(())
 }
 
 fn client(stream: UnixStream, ctx: &ApiContext) {

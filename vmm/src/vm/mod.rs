@@ -126,6 +126,11 @@ pub struct Vm {
     counters: Arc<ExitCounters>,
     control: Arc<RunControl>,
     cmdline: String,
+    /// The API socket, bound while the VM is built and served once it runs.
+    api_listener: Option<std::os::unix::net::UnixListener>,
+    /// The socket files this VM bound (API, serial, console); removed when the VM is
+    /// dropped, which [`Vm::run`] does on its way out.
+    _socket_files: Vec<sealvm_os::socket::RemoveOnDrop>,
 }
 
 impl Vm {
@@ -137,6 +142,18 @@ impl Vm {
     /// Builds the VM described by `config` plus `extras`.
     pub fn with_extras(config: VmConfig, mut extras: Extras) -> Result<Self, VmError> {
         config.validate()?;
+        // The API socket first: a path that must be refused is refused before anything else
+        // is set up.
+        let mut socket_files = Vec::new();
+        let api_listener = match &config.api_socket {
+            Some(path) => {
+                let (listener, socket_file) =
+                    api::bind(path).map_err(host(format!("the API socket {}", path.display())))?;
+                socket_files.push(socket_file);
+                Some(listener)
+            }
+            None => None,
+        };
         let images = match extras.boot_images.take() {
             Some(images) => images,
             None => boot::BootImages::read(&config.kernel, config.initramfs.as_deref())?,
@@ -180,8 +197,9 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_GSI)
             .map_err(kvm_setup("connect COM1's interrupt"))?;
-        let serial = SerialDevice::new(serial_irq, &config.serial)
+        let (serial, serial_socket_file) = SerialDevice::new(serial_irq, &config.serial)
             .map_err(host(format!("the serial port ({:?})", config.serial)))?;
+        socket_files.extend(serial_socket_file);
         pio.insert(u64::from(COM1_PORT), 8, serial);
         pio.insert(
             u64::from(ACPI_SLEEP_CONTROL_PORT),
@@ -204,10 +222,10 @@ impl Vm {
             });
         }
         if let Some(path) = &config.console_socket {
-            devices
-                .push(Box::new(Console::new(path.clone()).map_err(host(
-                    format!("the console socket {}", path.display()),
-                ))?));
+            let (console, socket_file) = Console::new(path.clone())
+                .map_err(host(format!("the console socket {}", path.display())))?;
+            devices.push(Box::new(console));
+            socket_files.push(socket_file);
         }
         if devices.len() > MAX_VIRTIO_DEVICES {
             return Err(config::ConfigError(format!(
@@ -300,6 +318,8 @@ impl Vm {
             counters: Arc::default(),
             control: RunControl::new(),
             cmdline,
+            api_listener,
+            _socket_files: socket_files,
         })
     }
 
@@ -322,22 +342,19 @@ impl Vm {
             counters: self.counters.clone(),
             control: self.control.clone(),
         });
-        let api = match &self.config.api_socket {
-            Some(path) => Some(
-                api::serve(
-                    path,
-                    api::ApiContext {
-                        config: self.config.clone(),
-                        transports: self.transports.clone(),
-                        counters: self.counters.clone(),
-                        control: self.control.clone(),
-                        stop: self.stop.clone(),
-                    },
-                )
-                .map_err(host(format!("the API socket {}", path.display())))?,
-            ),
-            None => None,
-        };
+        if let Some(listener) = self.api_listener.take() {
+            api::serve(
+                listener,
+                api::ApiContext {
+                    config: self.config.clone(),
+                    transports: self.transports.clone(),
+                    counters: self.counters.clone(),
+                    control: self.control.clone(),
+                    stop: self.stop.clone(),
+                },
+            )
+            .map_err(host("the API socket's thread"))?;
+        }
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             vcpu::spawn(id as u8, vcpu, ctx.clone()).map_err(host("a vCPU thread"))?;
         }
@@ -360,10 +377,6 @@ impl Vm {
                 t.device().flush();
             }
         }
-        if let Some(path) = &self.config.api_socket {
-            let _ = std::fs::remove_file(path);
-        }
-        let _ = api;
         tracing::info!(?reason, "VM stopped");
         Ok(reason)
     }

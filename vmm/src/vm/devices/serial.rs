@@ -2,6 +2,7 @@
 //! carries input to the guest), its interrupt an irqfd on GSI 4.
 
 use super::BusDevice;
+use sealvm_os::socket::RemoveOnDrop;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -119,8 +120,13 @@ pub struct SerialDevice {
 }
 
 impl SerialDevice {
-    /// A UART raising `irq`, writing to `target`.
-    pub fn new(irq: Arc<EventFd>, target: &SerialTarget) -> std::io::Result<Arc<Mutex<Self>>> {
+    /// A UART raising `irq`, writing to `target`; for a socket target, also the guard that
+    /// removes the socket file (the caller keeps it while the VM runs: the device itself
+    /// lives as long as its accept thread, which is as long as the process).
+    pub fn new(
+        irq: Arc<EventFd>,
+        target: &SerialTarget,
+    ) -> std::io::Result<(Arc<Mutex<Self>>, Option<RemoveOnDrop>)> {
         let (output, listener) = match target {
             SerialTarget::Stdout => (SerialOutput::Stdout(std::io::stdout()), None),
             SerialTarget::Off => (SerialOutput::Off, None),
@@ -134,41 +140,36 @@ impl SerialDevice {
                 None,
             ),
             SerialTarget::Socket(path) => {
-                let listener = bind_socket(path)?;
+                let (listener, socket_file) = bind_socket(path)?;
                 let client = Arc::new(Mutex::new(None));
                 (
                     SerialOutput::Socket(client.clone()),
-                    Some((listener, client)),
+                    Some((listener, client, socket_file)),
                 )
             }
         };
         let device = Arc::new(Mutex::new(SerialDevice {
             uart: Serial::new(IrqTrigger(irq), output),
         }));
-        if let Some((listener, client)) = listener {
-            let device = device.clone();
-            std::thread::Builder::new()
-                .name("serial-socket".into())
-                .spawn(move || accept_loop(listener, client, device))?;
-        }
-        Ok(device)
+        let socket_file = match listener {
+            Some((listener, client, socket_file)) => {
+                let device = device.clone();
+                std::thread::Builder::new()
+                    .name("serial-socket".into())
+                    .spawn(move || accept_loop(listener, client, device))?;
+                Some(socket_file)
+            }
+            None => None,
+        };
+        Ok((device, socket_file))
     }
 }
 
-/// Binds a unix socket at `path`, replacing a stale socket file (never another kind of file).
-pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-    }
-    UnixListener::bind(path)
+/// Binds a unix socket at `path` with [`sealvm_os::socket::bind_removing`]: a file that is
+/// not a socket and a socket another process serves are refused (the error says which), a
+/// stale socket file is replaced. The guard removes the socket file when dropped.
+pub fn bind_socket(path: &Path) -> std::io::Result<(UnixListener, RemoveOnDrop)> {
+    sealvm_os::socket::bind_removing(path).map_err(std::io::Error::other)
 }
 
 fn accept_loop(
@@ -253,7 +254,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let device = SerialDevice::new(irq.clone(), &SerialTarget::File(path.clone())).unwrap();
+        let (device, _) =
+            SerialDevice::new(irq.clone(), &SerialTarget::File(path.clone())).unwrap();
         let mut d = device.lock().unwrap();
         d.write(1, &[0x02]); // IER: THR empty interrupt
         for b in b"hi\n" {

@@ -10,6 +10,7 @@ use super::{
 use crate::vm::api::protocol as api;
 use crate::vm::devices::serial::bind_socket;
 use crate::vm::memory::GuestMemory;
+use sealvm_os::socket::RemoveOnDrop;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -44,17 +45,20 @@ pub struct Console {
 }
 
 impl Console {
-    /// A console whose port is served on a unix socket at `path`.
-    pub fn new(path: PathBuf) -> std::io::Result<Self> {
-        let listener = bind_socket(&path)?;
+    /// A console whose port is served on a unix socket at `path`, and the guard that
+    /// removes the socket file (the caller keeps it while the VM runs: the device lives in
+    /// its transport, which the API's thread may hold until the process ends).
+    pub fn new(path: PathBuf) -> std::io::Result<(Self, RemoveOnDrop)> {
+        let (listener, socket_file) = bind_socket(&path)?;
         listener.set_nonblocking(true)?;
-        Ok(Console {
+        let console = Console {
             listener: Arc::new(listener),
             path,
             counters: Arc::default(),
             stop: None,
             thread: None,
-        })
+        };
+        Ok((console, socket_file))
     }
 }
 
@@ -141,7 +145,6 @@ impl VirtioDevice for Console {
 impl Drop for Console {
     fn drop(&mut self) {
         self.reset();
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
