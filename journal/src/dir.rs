@@ -307,8 +307,9 @@ pub struct OpenSegment {
     pub file: File,
     /// Its format version.
     pub version: u16,
-    /// The header was missing or torn: a segment created by a writer that crashed before
-    /// the header was durable, with no records (only the last segment may be one).
+    /// The header was missing or torn: a segment created by a writer that crashed or lost
+    /// power before the header was durable. Readers stop there; it holds nothing flushed
+    /// unless a sync point in it or after it says otherwise (then it is damage).
     pub torn_header: bool,
 }
 
@@ -328,6 +329,9 @@ pub fn open_segment(
     let mut head = [0u8; SEGMENT_HEADER_LEN];
     let got = file.read_at(&mut head, 0).map_err(JournalError::io(path))?;
     let version = match format::segment_version(&head[..got]) {
+        // An empty file in a named (version-2) journal: a segment created by rotation whose
+        // header a power loss dropped.
+        Some(1) if got == 0 && identity.is_some() => 2,
         Some(version) => version,
         // Zeroes where a header should be: a segment whose creation did not reach the disk.
         None if head[..got].iter().all(|&b| b == 0) => 2,
@@ -347,7 +351,9 @@ pub fn open_segment(
     let header = match format::decode_segment_header(&head[..got]) {
         Ok(header) => header,
         Err(_)
-            if file.len_bytes().map_err(JournalError::io(path))? <= SEGMENT_HEADER_LEN as u64 =>
+            if head[..got].iter().all(|&b| b == 0)
+                || file.len_bytes().map_err(JournalError::io(path))?
+                    <= SEGMENT_HEADER_LEN as u64 =>
         {
             return Ok(OpenSegment {
                 file,

@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The smallest and largest segment sizes a writer accepts (extent maps hold a 32-bit
@@ -128,6 +128,35 @@ impl Health {
         }
         result
     }
+
+    /// fsyncs the journal directory, so the segment files created in it survive a power
+    /// loss; a failure poisons the writer like a failed fdatasync.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.check()?;
+        let result = sealvm_os::durable::sync_dir(dir);
+        if let Err(e) = &result {
+            if let Ok(mut poisoned) = self.poisoned.lock() {
+                poisoned.get_or_insert_with(|| {
+                    format!("fsync of journal directory {} failed: {e}", dir.display())
+                });
+            }
+            self.is_poisoned.store(true, Ordering::Release);
+            tracing::error!(dir = %dir.display(), error = %e, "fsync of the journal directory failed; the journal refuses every later write and flush until it is reopened");
+        } else {
+            self.observe(SyncEvent::Dir(dir));
+        }
+        result
+    }
+}
+
+/// Which segment files' directory entries are durable: rotation creates a segment under
+/// the writer's lock without syncing the directory, and the next sync does.
+#[derive(Debug, Default)]
+struct DirEntries {
+    /// Segments created by this writer (a generation count).
+    created: AtomicU64,
+    /// The generation the last completed directory fsync covered.
+    synced: AtomicU64,
 }
 
 /// One segment file.
@@ -149,6 +178,10 @@ pub struct SegmentState {
     pub path: PathBuf,
     /// The file, shared with syncs outside the writer's lock.
     pub file: Arc<File>,
+    /// Set once the segment is closed and an fdatasync since has made all of it durable.
+    /// Rotation does not sync the segment it closes (that would hold the writer's lock
+    /// for the length of a large fdatasync); the next flush does, outside the lock.
+    durable: Arc<AtomicBool>,
 }
 
 impl SegmentState {
@@ -160,6 +193,25 @@ impl SegmentState {
     /// Bytes of records (the segment header not counted).
     pub fn record_bytes(&self) -> u64 {
         self.bytes.saturating_sub(format::SEGMENT_HEADER_LEN as u64)
+    }
+
+    /// True once the segment is closed and an fdatasync made all of it durable.
+    pub fn is_durable(&self) -> bool {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    fn new(first_seq: u64, path: PathBuf, file: File) -> SegmentState {
+        SegmentState {
+            first_seq,
+            last_seq: first_seq - 1,
+            first_time_ns: 0,
+            last_time_ns: 0,
+            bytes: format::SEGMENT_HEADER_LEN as u64,
+            synced_to: 0,
+            path,
+            file: Arc::new(file),
+            durable: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
@@ -197,11 +249,24 @@ pub struct ReplayedRecord<'a> {
     pub payload: &'a [u8],
 }
 
-/// A handle to fdatasync the active segment outside the writer's lock.
-pub struct SyncTarget {
+/// A closed segment a sync must still make durable.
+struct ClosedSegment {
     file: Arc<File>,
     path: PathBuf,
-    /// The ordinal of the segment.
+    durable: Arc<AtomicBool>,
+}
+
+/// A handle to make the journal durable outside the writer's lock: every closed segment
+/// not yet synced, the directory entries of new segments, then (for a flush) the active
+/// segment as it was when the handle was taken.
+pub struct SyncTarget {
+    closed: Vec<ClosedSegment>,
+    dir: PathBuf,
+    /// The directory generation to make durable, if entries are not durable yet.
+    dir_generation: Option<u64>,
+    entries: Arc<DirEntries>,
+    active: Option<(Arc<File>, PathBuf)>,
+    /// The ordinal of the active segment.
     pub ordinal: u32,
     /// Its length when the handle was taken: what the sync covers.
     pub end: u64,
@@ -209,9 +274,26 @@ pub struct SyncTarget {
 }
 
 impl SyncTarget {
-    /// fdatasyncs the segment; a failure poisons the writer.
+    /// fdatasyncs every closed segment not yet durable, fsyncs the directory if a segment
+    /// was created since the last sync, then fdatasyncs the active segment (for a handle
+    /// from [`Writer::sync_target`]). A failure poisons the writer.
     pub fn sync(&self) -> io::Result<()> {
-        self.health.fdatasync(&self.file, &self.path)
+        for closed in &self.closed {
+            if !closed.durable.load(Ordering::Acquire) {
+                self.health.fdatasync(&closed.file, &closed.path)?;
+                closed.durable.store(true, Ordering::Release);
+            }
+        }
+        if let Some(generation) = self.dir_generation {
+            if self.entries.synced.load(Ordering::Acquire) < generation {
+                self.health.sync_dir(&self.dir)?;
+                self.entries.synced.fetch_max(generation, Ordering::AcqRel);
+            }
+        }
+        match &self.active {
+            Some((file, path)) => self.health.fdatasync(file, path),
+            None => Ok(()),
+        }
     }
 }
 
@@ -225,6 +307,7 @@ pub struct Writer {
     next_seq: u64,
     segment_bytes: u64,
     health: Arc<Health>,
+    entries: Arc<DirEntries>,
     signal: Arc<AppendSignal>,
     _serve_lock: File,
 }
@@ -317,8 +400,8 @@ impl Writer {
             });
         }
         let mut segments = VecDeque::new();
-        let count = listed.len();
-        for (i, (first, path)) in listed.iter().enumerate() {
+        let mut torn_headers = Vec::new();
+        for (first, path) in &listed {
             let opened = dir::open_segment(path, *first, Some(&identity), true)?;
             if opened.version == 1 {
                 return Err(JournalError::NeedsUpgrade {
@@ -326,25 +409,13 @@ impl Writer {
                 }
                 .into());
             }
-            if opened.torn_header {
-                if i + 1 != count {
-                    return Err(JournalError::BadSegmentHeader { path: path.clone() }.into());
-                }
-                // Created by a writer that crashed before the header was durable; it
-                // holds no record: write the header again.
-                write_segment_header(&opened.file, path, &identity, *first)?;
-            }
-            segments.push_back(SegmentState {
-                first_seq: *first,
-                last_seq: first - 1,
-                first_time_ns: 0,
-                last_time_ns: 0,
-                bytes: format::SEGMENT_HEADER_LEN as u64,
-                synced_to: 0,
-                path: path.clone(),
-                file: Arc::new(opened.file),
-            });
+            torn_headers.push(opened.torn_header);
+            segments.push_back(SegmentState::new(*first, path.clone(), opened.file));
         }
+        // The reader stops at the end of the records a power loss may have kept: a torn
+        // tail, a segment whose header never reached the disk, or a segment missing after
+        // one that ends early, with no sync point after it (it refuses the journal if one
+        // says the lost bytes had been durable).
         let mut reader = Reader::open(dir)?;
         let mut current = 0usize;
         while let Some((header, at)) = reader.next_record()? {
@@ -366,7 +437,30 @@ impl Writer {
             });
         }
         let summary = reader.summary().clone();
+        let stopped_in = reader.cursor().segment;
+        // Segments after the one the reader stopped in hold only records no flush made
+        // durable (their predecessor lost its tail, or they lost their header): remove them.
+        let mut removed = Vec::new();
+        while segments.len() > 1 && segments.back().is_some_and(|s| s.first_seq > stopped_in) {
+            removed.extend(segments.pop_back());
+        }
+        for segment in &removed {
+            tracing::warn!(
+                segment = %segment.path.display(),
+                "journal segment after a power loss's cut holds no flushed record; removing it"
+            );
+            std::fs::remove_file(&segment.path).map_err(JournalError::io(&segment.path))?;
+        }
         let active = segments.back().expect("at least one segment");
+        if torn_headers[segments.len() - 1] {
+            // Created by a writer that lost power before the header was durable; nothing in
+            // it was flushed: write the header again over an empty segment.
+            active
+                .file
+                .set_len(0)
+                .map_err(JournalError::io(&active.path))?;
+            write_segment_header(&active.file, &active.path, &identity, active.first_seq)?;
+        }
         if summary.unflushed_after_hole {
             tracing::warn!(
                 segment = %active.path.display(),
@@ -381,7 +475,12 @@ impl Writer {
                 "journal ends in a torn or corrupt record; cutting it off"
             );
         }
-        if summary.dropped_len > 0 {
+        let dropped_len = if torn_headers[segments.len() - 1] {
+            0
+        } else {
+            summary.dropped_len
+        };
+        if dropped_len > 0 {
             let io_err = JournalError::io(&active.path);
             active.file.set_len(active.bytes).map_err(io_err)?;
             active
@@ -389,9 +488,16 @@ impl Writer {
                 .sync_all()
                 .map_err(JournalError::io(&active.path))?;
         }
+        if !removed.is_empty() {
+            sealvm_os::durable::sync_dir(dir).map_err(JournalError::io(dir))?;
+        }
         let next_seq = summary.last_seq.max(state.base_seq) + 1;
         let signal = Arc::new(AppendSignal::default());
         signal.notify(next_seq - 1);
+        // Closed segments may still be only in the page cache (a process that crashed
+        // wrote them): the first sync makes them and the directory durable.
+        let entries = Arc::new(DirEntries::default());
+        entries.created.store(1, Ordering::Release);
         Ok((
             Writer {
                 dir: dir.to_path_buf(),
@@ -402,6 +508,7 @@ impl Writer {
                 next_seq,
                 segment_bytes,
                 health,
+                entries,
                 signal,
                 _serve_lock: serve_lock,
             },
@@ -573,14 +680,43 @@ impl Writer {
         })
     }
 
-    /// A handle to fdatasync the active segment as it is now, outside the caller's lock.
+    /// A handle to make every record appended so far durable (a flush), outside the
+    /// caller's lock: closed segments not yet synced, new directory entries, and the active
+    /// segment as it is now.
     pub fn sync_target(&self) -> SyncTarget {
         let active = self.active();
         SyncTarget {
-            file: active.file.clone(),
-            path: active.path.clone(),
+            active: Some((active.file.clone(), active.path.clone())),
+            ..self.closed_sync_target()
+        }
+    }
+
+    /// A handle to make every closed segment and the directory entries durable, outside
+    /// the caller's lock; the active segment is left alone. Folding syncs a segment this
+    /// way before it gives up the segment's points in time.
+    pub fn closed_sync_target(&self) -> SyncTarget {
+        let closed = self
+            .segments
+            .iter()
+            .take(self.segments.len() - 1)
+            .filter(|s| !s.is_durable())
+            .map(|s| ClosedSegment {
+                file: s.file.clone(),
+                path: s.path.clone(),
+                durable: s.durable.clone(),
+            })
+            .collect();
+        let generation = self.entries.created.load(Ordering::Acquire);
+        let dir_generation =
+            (self.entries.synced.load(Ordering::Acquire) < generation).then_some(generation);
+        SyncTarget {
+            closed,
+            dir: self.dir.clone(),
+            dir_generation,
+            entries: self.entries.clone(),
+            active: None,
             ordinal: self.active_ordinal(),
-            end: active.bytes,
+            end: self.active().bytes,
             health: self.health.clone(),
         }
     }
@@ -588,9 +724,12 @@ impl Writer {
     /// Records that segment `ordinal` was durable up to `end` (an fdatasync that started
     /// when it ended there has completed), unless a sync point already says as much. On
     /// open, such a point tells damage to durable records (refused) from a power loss's
-    /// hole among unflushed ones (cut).
+    /// hole among unflushed ones (cut); a sync point in a later segment also says every
+    /// earlier segment had been durable whole.
     pub fn record_sync_point(&mut self, ordinal: u32, end: u64) -> io::Result<()> {
-        // A segment closed since was synced whole when it was closed.
+        // A segment closed since is not the active one: a sync point in the new active
+        // segment would claim the closed segment durable whole, which this sync did not
+        // make sure of (records may have been appended after the handle was taken).
         if ordinal != self.active_ordinal() || end <= self.active().synced_to {
             return Ok(());
         }
@@ -600,30 +739,34 @@ impl Writer {
         Ok(())
     }
 
-    /// Closes the active segment (fdatasync'ed, so only the last segment can ever end in a
-    /// torn record) and starts a new one named by the next sequence number.
+    /// Closes the active segment and starts a new one named by the next sequence number.
+    /// Nothing is synced here, under the caller's lock: the next sync makes the closed
+    /// segment, the new segment's directory entry and header durable
+    /// ([`Writer::sync_target`]). Until then a power loss may tear the closed segment or
+    /// lose the new one; replay cuts there, as nothing after it was flushed.
     pub fn rotate(&mut self) -> io::Result<()> {
-        let active = self.active();
-        self.health.fdatasync(&active.file, &active.path)?;
         let first_seq = self.next_seq;
-        let (path, file) = create_segment(&self.dir, &self.identity, first_seq, &self.health)
-            .map_err(io::Error::other)?;
-        self.segments.push_back(SegmentState {
+        let path = dir::segment_path(&self.dir, first_seq);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let header = format::encode_segment_header(&SegmentHeader {
+            identity: self.identity,
             first_seq,
-            last_seq: first_seq - 1,
-            first_time_ns: 0,
-            last_time_ns: 0,
-            bytes: format::SEGMENT_HEADER_LEN as u64,
-            synced_to: 0,
-            path,
-            file: Arc::new(file),
         });
+        file.write_all_at(&header, 0)?;
+        self.entries.created.fetch_add(1, Ordering::AcqRel);
+        self.segments
+            .push_back(SegmentState::new(first_seq, path, file));
         tracing::debug!(first_seq, "journal segment started");
         Ok(())
     }
 }
 
-/// Creates segment `first_seq` with its header, durable (file and directory entry).
+/// Creates segment `first_seq` with its header, durable (file and directory entry): the
+/// first segment of a journal, made on open.
 fn create_segment(
     dir: &Path,
     identity: &Identity,

@@ -6,7 +6,10 @@
 //! segment whose directory entry was not yet durable present or absent. Each state must
 //! open, hold every write acknowledged by a flush, hold nothing that was not written, and
 //! show every acknowledged bookmark as it was live (the approach of CrashMonkey and ALICE).
-//! A workload that acknowledges a flush before its fdatasync must be caught.
+//! Rotation syncs nothing, so closed segments torn at any sector, new segments lost and
+//! new segments' headers lost are among the states. A workload that acknowledges a flush
+//! before its fdatasync must be caught, and one whose flush does not sync the segments
+//! rotation closed.
 //!
 //! What it does not cover yet: folding (its steps are crash-tested by stopping after each
 //! one in sealvm-blk's fold tests) and the v1 upgrade's renames.
@@ -52,6 +55,15 @@ struct Sim {
 /// A segment at a crash point: name, durable contents (if any were synced), current
 /// contents, whether its directory entry is durable.
 type SegmentNow = (String, Option<Vec<u8>>, Vec<u8>, bool);
+
+/// How the workload's flushes order their steps (all but `Correct` are deliberately
+/// broken, for tests that the simulator catches them).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlushOrder {
+    Correct,
+    AckBeforeSync,
+    ActiveOnly,
+}
 
 struct Rng(u64);
 
@@ -158,12 +170,32 @@ impl Sim {
         self.model.images.push(image);
     }
 
-    /// A flush as the volume does it: fdatasync, then acknowledge, then the sync point.
-    /// `broken` acknowledges first, and a power loss may then come before the fdatasync.
-    fn flush(&mut self, writer: &mut Writer, broken: bool) {
+    /// A flush as the volume does it: sync (closed segments not yet durable, new directory
+    /// entries, the active segment), then acknowledge, then the sync point. The broken
+    /// orders: `AckBeforeSync` acknowledges first, and a power loss may then come before the
+    /// fdatasync; `ActiveOnly` syncs the active segment and the directory but not the
+    /// segments rotation closed since the last flush.
+    fn flush(&mut self, writer: &mut Writer, order: FlushOrder) {
         let last = writer.next_seq() - 1;
+        if order == FlushOrder::ActiveOnly {
+            let active = writer.active();
+            let (path, ordinal, end) = (active.path.clone(), writer.active_ordinal(), active.bytes);
+            std::fs::File::open(&path).unwrap().sync_data().unwrap();
+            sealvm_os::durable::sync_dir(&self.journal).unwrap();
+            {
+                let mut d = self.durable.lock().unwrap();
+                d.files
+                    .insert(file_name(&path), std::fs::read(&path).unwrap());
+                for (_, segment) in sealvm_journal::dir::segments(&self.journal).unwrap() {
+                    d.entries.insert(file_name(&segment));
+                }
+            }
+            self.model.acked_through = last;
+            writer.record_sync_point(ordinal, end).unwrap();
+            return;
+        }
         let target = writer.sync_target();
-        if broken {
+        if order == FlushOrder::AckBeforeSync {
             self.model.acked_through = last;
             self.crash_point();
         }
@@ -347,7 +379,7 @@ impl Drop for Sim {
 
 /// Runs workload `name` (a seeded mix of writes, zero extents, flushes and bookmarks over
 /// 4 KiB segments, so it rotates often) and returns the states checked and violations.
-fn run(name: &str, seed: u64, ops: usize, broken: bool) -> (u64, Vec<String>) {
+fn run(name: &str, seed: u64, ops: usize, order: FlushOrder) -> (u64, Vec<String>) {
     let tmp = tempfile::tempdir().unwrap();
     let (mut sim, mut writer) = Sim::new(tmp.path());
     let mut rng = Rng(seed);
@@ -362,7 +394,7 @@ fn run(name: &str, seed: u64, ops: usize, broken: bool) -> (u64, Vec<String>) {
                 let sector = rng.next() % (SECTORS - 8);
                 sim.zero(&mut writer, sector, 1 + rng.next() % 8);
             }
-            6 | 7 => sim.flush(&mut writer, broken),
+            6 | 7 => sim.flush(&mut writer, order),
             8 if name != "writes-and-flushes" => sim.bookmark(&mut writer, &format!("b{i}")),
             _ => {
                 let sector = rng.next() % SECTORS;
@@ -386,7 +418,7 @@ fn every_power_loss_state_keeps_every_flushed_write_and_every_point_in_time() {
         ("writes-and-flushes", 1),
         ("bookmarks-zero-extents-rotation", 2),
     ] {
-        let (states, violations) = run(name, seed, 60, false);
+        let (states, violations) = run(name, seed, 60, FlushOrder::Correct);
         assert!(violations.is_empty(), "{name}: {violations:#?}");
         assert!(states >= 1000, "{name}: only {states} crash states");
     }
@@ -394,11 +426,30 @@ fn every_power_loss_state_keeps_every_flushed_write_and_every_point_in_time() {
 
 #[test]
 fn a_flush_acknowledged_before_its_fdatasync_is_caught() {
-    let (_, violations) = run("acknowledged-before-fdatasync", 3, 40, true);
+    let (_, violations) = run(
+        "acknowledged-before-fdatasync",
+        3,
+        40,
+        FlushOrder::AckBeforeSync,
+    );
     assert!(
         violations
             .iter()
             .any(|v| v.contains("acknowledged by a flush")),
         "the simulator missed an acknowledgement made before the fdatasync: {violations:?}"
+    );
+}
+
+#[test]
+fn a_flush_that_leaves_a_closed_segment_unsynced_is_caught() {
+    let (_, violations) = run(
+        "closed-segment-left-unsynced",
+        4,
+        40,
+        FlushOrder::ActiveOnly,
+    );
+    assert!(
+        !violations.is_empty(),
+        "the simulator missed a flush that did not sync the segment rotation closed"
     );
 }

@@ -216,7 +216,6 @@ impl JournaledVolume {
         let active = state.writer.active();
         if !active.is_empty() && is_older(active.last_time_ns, max_age) {
             state.writer.rotate()?;
-            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -265,6 +264,12 @@ impl JournaledVolume {
     fn fold_segment(&self, segment: &Candidate, stop_after: Option<FoldStep>) -> io::Result<u64> {
         let stop = |step| stop_after == Some(step);
         let folded = self.folded_base()?;
+        // Rotation did not sync the segment: make it durable (outside the lock) before
+        // its points are given up, so a power loss cannot tear records the folded base
+        // is about to hold.
+        let target = self.read_state()?.writer.closed_sync_target();
+        target.sync()?;
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         if stop(FoldStep::FoldedBaseReady) {
             return Ok(0);
         }

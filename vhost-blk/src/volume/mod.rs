@@ -88,8 +88,8 @@ pub struct VolumeCounters {
     pub zero_extents: AtomicU64,
     /// Flushes (fdatasync of the journal).
     pub flushes: AtomicU64,
-    /// fdatasyncs of the journal for any reason: flushes, write-through writes, bookmarks,
-    /// segment rotation.
+    /// Syncs of the journal for any reason: flushes, write-through writes, bookmarks, a
+    /// closed segment made durable before it is folded. (Rotation syncs nothing itself.)
     pub syncs: AtomicU64,
     /// Segments folded into the base.
     pub folded_segments: AtomicU64,
@@ -306,7 +306,7 @@ impl JournaledVolume {
         let segments = state.writer.segments().len();
         let appended = state.writer.append(kind, offset, payload)?;
         if state.writer.segments().len() != segments {
-            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            // A segment closed (not synced: the next flush does that, outside the lock).
             self.wake_folder();
         }
         if let Some(source) = indexed(kind, appended.ordinal, appended.payload_offset) {
@@ -322,12 +322,14 @@ impl JournaledVolume {
         Ok(appended)
     }
 
-    /// fdatasyncs the active segment (outside the lock, so the guest's writes go on) and
-    /// records the sync point.
+    /// Makes every record appended so far durable: closed segments not yet synced, new
+    /// segments' directory entries, and the active segment, all outside the lock so the
+    /// guest's writes go on; then records the sync point.
     fn sync_and_record(&self) -> io::Result<()> {
         let target = self.read_state()?.writer.sync_target();
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        // If the segment is closed in between, closing it synced it.
+        // If the segment is closed in between, no sync point is recorded for it (see
+        // `Writer::record_sync_point`); the next sync covers it.
         target.sync()?;
         self.write_state()?
             .writer
@@ -522,8 +524,8 @@ impl BlockBackend for JournaledVolume {
     }
 
     fn flush(&self) -> io::Result<()> {
-        // Every write acknowledged before this flush is already in a segment file, and every
-        // segment but the active one was fdatasync'ed when it was closed.
+        // Every write acknowledged before this flush is already in a segment file; the sync
+        // covers the closed segments not yet durable and the active one.
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.sync_and_record()
     }
