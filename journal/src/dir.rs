@@ -227,15 +227,22 @@ pub fn read_state(dir: &Path) -> Result<JournalState, JournalError> {
 
 /// Replaces the journal state crash-safely: a crash leaves the old or the new one.
 pub fn write_state(dir: &Path, state: &JournalState) -> Result<(), JournalError> {
+    write_state_with(&crate::storage::Disk, dir, state)
+}
+
+/// [`write_state`] through a storage seam (write-temp, fdatasync, rename, fsync-dir).
+pub fn write_state_with(
+    storage: &dyn crate::storage::Storage,
+    dir: &Path,
+    state: &JournalState,
+) -> Result<(), JournalError> {
     let path = dir.join(STATE_NAME);
     let bytes = serde_json::to_vec_pretty(state).map_err(|e| JournalError::BadState {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    sealvm_os::durable::replace(&path, &bytes, 0o644).map_err(|e| JournalError::Io {
-        path,
-        source: io::Error::other(e),
-    })
+    crate::storage::replace(storage, &path, &bytes)
+        .map_err(|source| JournalError::Io { path, source })
 }
 
 /// The image a journal's records apply to: the folded base once history has been folded,

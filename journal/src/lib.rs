@@ -12,6 +12,8 @@
 //! - [`writer`]: the one writer: appends, rotation, fdatasync and sync points;
 //! - [`extent_map`]: where each written extent's newest data lies, at any point in time;
 //! - [`upgrade`]: converting a version-1 journal;
+//! - [`storage`]: the seam the crash-critical file operations go through, and a recorder
+//!   that lists the states a power loss could leave;
 //! - [`fuzzing`]: the segment scanner on arbitrary bytes, for the fuzz target.
 //!
 //! It deliberately knows nothing about virtio, vhost-user or how a volume is served:
@@ -27,6 +29,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod reader;
 pub mod segment;
+pub mod storage;
 pub mod upgrade;
 pub mod writer;
 

@@ -19,8 +19,9 @@
 use crate::dir::{self, JournalError, JournalState};
 use crate::format::{self, Identity, NewRecord, RecordKind, SegmentHeader, Uuid};
 use crate::segment::SegmentScanner;
+use crate::storage::{Disk, Storage};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 /// What an upgrade did.
@@ -42,6 +43,16 @@ pub struct Upgraded {
 /// Upgrades the journal in `dir`, whose volume image is `base`, to format version 2.
 /// Upgrading a version-2 journal does nothing.
 pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
+    upgrade_with(dir, base, &Disk)
+}
+
+/// [`upgrade`] with its writes, syncs and renames going through `storage` (the crash
+/// simulator's seam).
+pub fn upgrade_with(
+    dir: &Path,
+    base: &Path,
+    storage: &dyn Storage,
+) -> Result<Upgraded, JournalError> {
     let lock_path = dir.join(dir::SERVE_LOCK_NAME);
     let lock = OpenOptions::new()
         .read(true)
@@ -81,7 +92,7 @@ pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
                 base_fingerprint: Some(dir::fingerprint(&image, base)?),
                 ..state
             };
-            dir::write_state(dir, &state)?;
+            dir::write_state_with(storage, dir, &state)?;
             identity
         }
     };
@@ -111,7 +122,7 @@ pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
             }
         }
         let (records, zero_writes, after, last) =
-            rewrite_segment(&path, opened.file, first_seq, &identity)?;
+            rewrite_segment(storage, &path, opened.file, first_seq, &identity)?;
         report.segments += 1;
         report.records += records;
         report.zero_writes += zero_writes;
@@ -130,6 +141,7 @@ pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
 /// Rewrites one version-1 segment as version 2; returns (records, zero writes, new bytes,
 /// last seq).
 fn rewrite_segment(
+    storage: &dyn Storage,
     path: &Path,
     old: File,
     first_seq: u64,
@@ -200,15 +212,15 @@ fn rewrite_segment(
     }
     let last_seq = scanner.summary().last_seq;
     let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(&out)?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)?;
-        sealvm_os::durable::sync_dir(&sealvm_os::durable::parent_dir(path))
+        storage.write_at(&tmp, &file, &out, 0)?;
+        storage.sync_data(&tmp, &file)?;
+        storage.rename(&tmp, path)?;
+        storage.sync_dir(&sealvm_os::durable::parent_dir(path))
     };
     write().map_err(|source| {
         let _ = std::fs::remove_file(&tmp);

@@ -11,6 +11,7 @@
 use crate::dir::{self, JournalError, JournalState};
 use crate::format::{self, Identity, NewRecord, RecordHeader, RecordKind, SegmentHeader, Uuid};
 use crate::reader::{AppendSignal, Reader};
+use crate::storage::{self, Storage};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -53,34 +54,21 @@ pub enum WriterError {
     SegmentSize(u64),
 }
 
-/// What became durable: told to a [`SyncObserver`] after the fact.
-#[derive(Debug, Clone, Copy)]
-pub enum SyncEvent<'a> {
-    /// An fdatasync of this segment file returned successfully: its bytes as they were
-    /// when it started are durable.
-    File(&'a Path),
-    /// An fsync of this directory returned: its entries (new segments) are durable.
-    Dir(&'a Path),
-}
-
-/// Called after every fdatasync and directory fsync the writer makes: the seam the crash
-/// simulator (`tests/crash_sim.rs`) records durability through.
-pub type SyncObserver = Arc<dyn Fn(SyncEvent<'_>) + Send + Sync>;
-
 /// Health shared by a writer and the sync handles it gives out.
-#[derive(Default)]
 struct Health {
     poisoned: Mutex<Option<String>>,
     is_poisoned: AtomicBool,
     injected_failures: AtomicU32,
-    observer: Mutex<Option<SyncObserver>>,
+    storage: Arc<dyn Storage>,
 }
 
 impl Health {
-    fn observe(&self, event: SyncEvent<'_>) {
-        let observer = self.observer.lock().ok().and_then(|o| o.clone());
-        if let Some(observer) = observer {
-            observer(event);
+    fn new(storage: Arc<dyn Storage>) -> Health {
+        Health {
+            poisoned: Mutex::new(None),
+            is_poisoned: AtomicBool::new(false),
+            injected_failures: AtomicU32::new(0),
+            storage,
         }
     }
 }
@@ -110,7 +98,7 @@ impl Health {
         {
             Err(io::Error::from_raw_os_error(libc::EIO))
         } else {
-            file.sync_data()
+            self.storage.sync_data(path, file)
         };
         if let Err(e) = &result {
             if let Ok(mut poisoned) = self.poisoned.lock() {
@@ -123,8 +111,6 @@ impl Health {
             }
             self.is_poisoned.store(true, Ordering::Release);
             tracing::error!(segment = %path.display(), error = %e, "fdatasync failed; the journal refuses every later write and flush until it is reopened");
-        } else {
-            self.observe(SyncEvent::File(path));
         }
         result
     }
@@ -133,7 +119,7 @@ impl Health {
     /// loss; a failure poisons the writer like a failed fdatasync.
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.check()?;
-        let result = sealvm_os::durable::sync_dir(dir);
+        let result = self.storage.sync_dir(dir);
         if let Err(e) = &result {
             if let Ok(mut poisoned) = self.poisoned.lock() {
                 poisoned.get_or_insert_with(|| {
@@ -142,8 +128,6 @@ impl Health {
             }
             self.is_poisoned.store(true, Ordering::Release);
             tracing::error!(dir = %dir.display(), error = %e, "fsync of the journal directory failed; the journal refuses every later write and flush until it is reopened");
-        } else {
-            self.observe(SyncEvent::Dir(dir));
         }
         result
     }
@@ -320,6 +304,18 @@ impl Writer {
         dir: &Path,
         base: &Path,
         segment_bytes: u64,
+        visit: impl FnMut(ReplayedRecord<'_>),
+    ) -> Result<(Writer, Replayed), WriterError> {
+        Self::open_with(dir, base, segment_bytes, storage::disk(), visit)
+    }
+
+    /// [`Writer::open`] with every sync, rename and removal (on open, of the journal state,
+    /// and later) going through `storage`: the crash simulator's seam.
+    pub fn open_with(
+        dir: &Path,
+        base: &Path,
+        segment_bytes: u64,
+        storage: Arc<dyn Storage>,
         mut visit: impl FnMut(ReplayedRecord<'_>),
     ) -> Result<(Writer, Replayed), WriterError> {
         if !SEGMENT_BYTES_RANGE.contains(&segment_bytes) {
@@ -375,7 +371,7 @@ impl Writer {
                     base_seq: state.base_seq,
                     write_through: state.write_through,
                 };
-                dir::write_state(dir, &state)?;
+                dir::write_state_with(storage.as_ref(), dir, &state)?;
                 identity
             }
             None => {
@@ -386,7 +382,7 @@ impl Writer {
             }
         };
         dir::check_base(dir, base, &state)?;
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(storage.clone()));
         if listed.is_empty() {
             let first = state.base_seq + 1;
             create_segment(dir, &identity, first, &health)?;
@@ -449,7 +445,9 @@ impl Writer {
                 segment = %segment.path.display(),
                 "journal segment after a power loss's cut holds no flushed record; removing it"
             );
-            std::fs::remove_file(&segment.path).map_err(JournalError::io(&segment.path))?;
+            storage
+                .remove_file(&segment.path)
+                .map_err(JournalError::io(&segment.path))?;
         }
         let active = segments.back().expect("at least one segment");
         if torn_headers[segments.len() - 1] {
@@ -459,7 +457,13 @@ impl Writer {
                 .file
                 .set_len(0)
                 .map_err(JournalError::io(&active.path))?;
-            write_segment_header(&active.file, &active.path, &identity, active.first_seq)?;
+            write_segment_header(
+                storage.as_ref(),
+                &active.file,
+                &active.path,
+                &identity,
+                active.first_seq,
+            )?;
         }
         if summary.unflushed_after_hole {
             tracing::warn!(
@@ -483,13 +487,12 @@ impl Writer {
         if dropped_len > 0 {
             let io_err = JournalError::io(&active.path);
             active.file.set_len(active.bytes).map_err(io_err)?;
-            active
-                .file
-                .sync_all()
+            storage
+                .sync_all(&active.path, &active.file)
                 .map_err(JournalError::io(&active.path))?;
         }
         if !removed.is_empty() {
-            sealvm_os::durable::sync_dir(dir).map_err(JournalError::io(dir))?;
+            storage.sync_dir(dir).map_err(JournalError::io(dir))?;
         }
         let next_seq = summary.last_seq.max(state.base_seq) + 1;
         let signal = Arc::new(AppendSignal::default());
@@ -539,7 +542,8 @@ impl Writer {
         let mut state = self.state;
         change(&mut state);
         if state != self.state {
-            dir::write_state(&self.dir, &state).map_err(io::Error::other)?;
+            dir::write_state_with(self.health.storage.as_ref(), &self.dir, &state)
+                .map_err(io::Error::other)?;
             self.state = state;
         }
         Ok(())
@@ -606,12 +610,10 @@ impl Writer {
             .store(count, Ordering::Release);
     }
 
-    /// Calls `observer` after every later fdatasync and directory fsync (the crash
-    /// simulator's seam).
-    pub fn set_sync_observer(&self, observer: SyncObserver) {
-        if let Ok(mut slot) = self.health.observer.lock() {
-            *slot = Some(observer);
-        }
+    /// The storage seam this writer's syncs, renames and removals go through; folding
+    /// uses it too.
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.health.storage.clone()
     }
 
     /// Fails if an earlier fdatasync failed.
@@ -780,14 +782,16 @@ fn create_segment(
         .create_new(true)
         .open(&path)
         .map_err(JournalError::io(&path))?;
-    write_segment_header(&file, &path, identity, first_seq)?;
-    health.observe(SyncEvent::File(&path));
-    sealvm_os::durable::sync_dir(dir).map_err(JournalError::io(dir))?;
-    health.observe(SyncEvent::Dir(dir));
+    write_segment_header(health.storage.as_ref(), &file, &path, identity, first_seq)?;
+    health
+        .storage
+        .sync_dir(dir)
+        .map_err(JournalError::io(dir))?;
     Ok((path, file))
 }
 
 fn write_segment_header(
+    storage: &dyn Storage,
     file: &File,
     path: &Path,
     identity: &Identity,
@@ -797,7 +801,8 @@ fn write_segment_header(
         identity: *identity,
         first_seq,
     });
-    file.write_all_at(&header, 0)
-        .and_then(|()| file.sync_data())
+    storage
+        .write_at(path, file, &header, 0)
+        .and_then(|()| storage.sync_data(path, file))
         .map_err(JournalError::io(path))
 }
