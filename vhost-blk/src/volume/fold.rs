@@ -11,10 +11,11 @@ use sealvm_journal::consumer;
 use sealvm_journal::dir::{self as journal, JournalError};
 use sealvm_journal::format::{self, RecordKind};
 use sealvm_journal::reader::{Cursor, Reader};
+use sealvm_journal::storage::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -318,6 +319,8 @@ impl JournaledVolume {
         }
         drop(reader);
         let file = File::open(&segment.path)?;
+        let storage = self.read_state()?.writer.storage();
+        let folded_path = self.dir.join(journal::FOLDED_BASE_NAME);
         let mut data = Vec::new();
         let half = changes.len() / 2;
         for (i, &(offset, len, at)) in changes.iter().enumerate() {
@@ -328,13 +331,13 @@ impl JournaledVolume {
                 Some(at) => {
                     data.resize(len as usize, 0);
                     file.read_exact_at(&mut data, at)?;
-                    folded.write_all_at(&data, offset)?;
+                    storage.write_at(&folded_path, &folded, &data, offset)?;
                 }
-                None => zero_range(&folded, offset, len)?,
+                None => zero_range(storage.as_ref(), &folded_path, &folded, offset, len)?,
             }
         }
         // sync_all: punched holes are metadata.
-        folded.sync_all()?;
+        storage.sync_all(&folded_path, &folded)?;
         if stop(FoldStep::Applied) {
             return Ok(0);
         }
@@ -350,8 +353,8 @@ impl JournaledVolume {
                 state.writer.pop_oldest();
             }
         }
-        std::fs::remove_file(&segment.path)?;
-        sealvm_os::durable::sync_dir(&self.dir)?;
+        storage.remove_file(&segment.path)?;
+        storage.sync_dir(&self.dir)?;
         self.counters
             .folded_segments
             .fetch_add(1, Ordering::Relaxed);
@@ -370,12 +373,13 @@ impl JournaledVolume {
         if let Some(folded) = &self.read_state()?.folded {
             return Ok(folded.clone());
         }
+        let storage = self.read_state()?.writer.storage();
         let path = self.dir.join(journal::FOLDED_BASE_NAME);
         let partial = path.with_extension("partial");
         std::fs::copy(&self.image, &partial)?;
-        File::open(&partial)?.sync_all()?;
-        std::fs::rename(&partial, &path)?;
-        sealvm_os::durable::sync_dir(&self.dir)?;
+        storage.sync_all(&partial, &File::open(&partial)?)?;
+        storage.rename(&partial, &path)?;
+        storage.sync_dir(&self.dir)?;
         let folded = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
         let mut state: std::sync::RwLockWriteGuard<'_, State> = self.write_state()?;
         // Same bytes as the image, so reads may switch over at any moment.
@@ -424,7 +428,13 @@ fn journal_io(e: JournalError) -> io::Error {
 
 /// Makes `len` bytes at `offset` of the folded base read as zeroes: a hole punched where
 /// the file system can, zeroes written where it cannot.
-fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+fn zero_range(
+    storage: &dyn Storage,
+    path: &Path,
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
     use std::os::unix::io::AsRawFd;
     let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
@@ -445,7 +455,7 @@ fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let mut done = 0;
     while done < len {
         let step = (len - done).min(zeroes.len() as u64);
-        file.write_all_at(&zeroes[..step as usize], offset + done)?;
+        storage.write_at(path, file, &zeroes[..step as usize], offset + done)?;
         done += step;
     }
     Ok(())

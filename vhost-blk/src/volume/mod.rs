@@ -11,6 +11,7 @@ pub use fold::{FoldReport, Retention};
 use sealvm_journal::bookmark::{self, Bookmark};
 use sealvm_journal::extent_map::{ExtentMap, Source, SECTOR};
 use sealvm_journal::format::RecordKind;
+use sealvm_journal::storage::{self, Storage};
 use sealvm_journal::writer::{ReplayedRecord, Writer, WriterError};
 use sealvm_journal::{format, JournalError};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
@@ -199,25 +200,38 @@ impl JournaledVolume {
         dir: &Path,
         options: JournalOptions,
     ) -> Result<(Self, Opened), VolumeError> {
+        Self::open_with_storage(base, dir, options, storage::disk())
+    }
+
+    /// [`JournaledVolume::open_with`] with the journal's syncs, renames and removals, and
+    /// folding's, going through `storage` (the crash simulator's seam).
+    pub fn open_with_storage(
+        base: &Path,
+        dir: &Path,
+        options: JournalOptions,
+        storage: Arc<dyn Storage>,
+    ) -> Result<(Self, Opened), VolumeError> {
         let image = RawFile::open(base, true)?;
         let capacity = image.capacity_bytes();
         drop(image);
         let mut index = ExtentMap::new();
         let mut bookmarks = Vec::new();
-        let (writer, replayed) = Writer::open(dir, base, options.segment_bytes, |record| {
-            let ReplayedRecord {
-                header,
-                ordinal,
-                payload_offset,
-                payload,
-            } = record;
-            if let Some(source) = indexed(header.kind, ordinal, payload_offset) {
-                let len = format::zero_extent_len(header, payload).unwrap_or(u64::from(header.len));
-                index.insert(sectors_of(header.offset), sectors_of(len), source);
-            } else if header.kind == RecordKind::Bookmark {
-                bookmarks.push(Bookmark::from_record(header, payload));
-            }
-        })?;
+        let (writer, replayed) =
+            Writer::open_with(dir, base, options.segment_bytes, storage, |record| {
+                let ReplayedRecord {
+                    header,
+                    ordinal,
+                    payload_offset,
+                    payload,
+                } = record;
+                if let Some(source) = indexed(header.kind, ordinal, payload_offset) {
+                    let len =
+                        format::zero_extent_len(header, payload).unwrap_or(u64::from(header.len));
+                    index.insert(sectors_of(header.offset), sectors_of(len), source);
+                } else if header.kind == RecordKind::Bookmark {
+                    bookmarks.push(Bookmark::from_record(header, payload));
+                }
+            })?;
         let base_seq = writer.state().base_seq;
         bookmarks.retain(|b| b.seq > base_seq);
         let folded_path = dir.join(sealvm_journal::dir::FOLDED_BASE_NAME);
