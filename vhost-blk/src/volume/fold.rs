@@ -106,6 +106,19 @@ impl JournaledVolume {
         }
     }
 
+    /// Makes the closed segments durable, outside the volume's lock (rotation leaves them
+    /// to the next sync). Folding does it before it gives up a segment's points. The
+    /// background folder does not do it after every rotation: measured, the extra writeback
+    /// slowed the guest's writes (64K sequential QD1 about 2.4k instead of 5.8k IOPS).
+    pub fn sync_closed_segments(&self) -> io::Result<()> {
+        let target = self.read_state()?.writer.closed_sync_target();
+        if !target.is_empty() {
+            target.sync()?;
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Starts the background folder: every `interval`, and whenever a segment closes or the
     /// retention changes, it folds what retention no longer keeps. It stops when the volume
     /// is dropped.
@@ -268,9 +281,7 @@ impl JournaledVolume {
         // Rotation did not sync the segment: make it durable (outside the lock) before
         // its points are given up, so a power loss cannot tear records the folded base
         // is about to hold.
-        let target = self.read_state()?.writer.closed_sync_target();
-        target.sync()?;
-        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_closed_segments()?;
         if stop(FoldStep::FoldedBaseReady) {
             return Ok(0);
         }
