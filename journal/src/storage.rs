@@ -69,7 +69,9 @@ pub fn disk() -> Arc<dyn Storage> {
 
 /// Replaces `path` with `contents` crash-safely through `storage`: write a temporary file
 /// beside it, fdatasync it, rename it over `path`, fsync the directory. After a crash `path`
-/// holds the old contents or the new (a temporary file may be left behind).
+/// holds the old contents or the new (a temporary file may be left behind). This is
+/// `sealvm_os::durable::replace` with its steps on the seam, so the crash simulator sees
+/// them; the temporary file is named the same way.
 pub fn replace(storage: &dyn Storage, path: &Path, contents: &[u8]) -> io::Result<()> {
     let dir = sealvm_os::durable::parent_dir(path);
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -130,6 +132,10 @@ struct Durable {
 /// files not yet durable), each file's durable contents plus any subset of the 512-byte
 /// sectors written since (unsynced writes dropped, reordered or torn; a file extension
 /// whose earlier sectors never arrived reads as zeroes).
+///
+/// Files are told apart by inode number: keep `root` on a file system that does not reuse
+/// them soon after a removal (tmpfs), or a new file may inherit a removed one's durable
+/// contents in the model.
 pub struct Recorder {
     root: PathBuf,
     durable: Mutex<Durable>,
