@@ -219,10 +219,17 @@ impl Recorder {
     /// Records that `path`'s contents as they are now are durable (a sync the caller made
     /// outside this seam, or one it is about to report).
     pub fn mark_synced(&self, path: &Path) -> io::Result<()> {
-        if self.recorded(path) {
-            let contents = std::fs::read(path)?;
-            self.lock().files.insert(inode(path)?, contents);
+        if !self.recorded(path) {
+            return Ok(());
         }
+        // A file removed since (a folded segment a sync still held) has no name to read it
+        // by, and no name a crash state could show it under.
+        let (contents, ino) = match std::fs::read(path).and_then(|c| Ok((c, inode(path)?))) {
+            Ok(found) => found,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.lock().files.insert(ino, contents);
         Ok(())
     }
 
