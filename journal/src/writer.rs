@@ -9,6 +9,8 @@
 //! replayed, which reads back what really is in the file.
 
 use crate::dir::{self, JournalError, JournalState};
+pub use crate::durability::SyncTarget;
+use crate::durability::{ClosedSegment, DirEntries, Health};
 use crate::format::{self, Identity, NewRecord, RecordHeader, RecordKind, SegmentHeader, Uuid};
 use crate::reader::{AppendSignal, Reader};
 use crate::storage::{self, Storage};
@@ -17,8 +19,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The smallest and largest segment sizes a writer accepts (extent maps hold a 32-bit
 /// offset in a segment).
@@ -52,95 +54,6 @@ pub enum WriterError {
     /// The segment size is out of range.
     #[error("segment size {0} is out of range (4 KiB to 1 GiB)")]
     SegmentSize(u64),
-}
-
-/// Health shared by a writer and the sync handles it gives out.
-struct Health {
-    poisoned: Mutex<Option<String>>,
-    is_poisoned: AtomicBool,
-    injected_failures: AtomicU32,
-    storage: Arc<dyn Storage>,
-}
-
-impl Health {
-    fn new(storage: Arc<dyn Storage>) -> Health {
-        Health {
-            poisoned: Mutex::new(None),
-            is_poisoned: AtomicBool::new(false),
-            injected_failures: AtomicU32::new(0),
-            storage,
-        }
-    }
-}
-
-impl Health {
-    fn check(&self) -> io::Result<()> {
-        if !self.is_poisoned.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let why = self
-            .poisoned
-            .lock()
-            .map(|p| p.clone().unwrap_or_default())
-            .unwrap_or_default();
-        Err(io::Error::other(format!(
-            "{why}; the kernel may have dropped data it could not write, so no later flush \
-             can be trusted: restart sealvm-blk to reopen and replay the journal"
-        )))
-    }
-
-    fn fdatasync(&self, file: &File, path: &Path) -> io::Result<()> {
-        self.check()?;
-        let result = if self
-            .injected_failures
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        } else {
-            self.storage.sync_data(path, file)
-        };
-        if let Err(e) = &result {
-            if let Ok(mut poisoned) = self.poisoned.lock() {
-                poisoned.get_or_insert_with(|| {
-                    format!(
-                        "fdatasync of journal segment {} failed: {e}",
-                        path.display()
-                    )
-                });
-            }
-            self.is_poisoned.store(true, Ordering::Release);
-            tracing::error!(segment = %path.display(), error = %e, "fdatasync failed; the journal refuses every later write and flush until it is reopened");
-        }
-        result
-    }
-
-    /// fsyncs the journal directory, so the segment files created in it survive a power
-    /// loss; a failure poisons the writer like a failed fdatasync.
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.check()?;
-        let result = self.storage.sync_dir(dir);
-        if let Err(e) = &result {
-            if let Ok(mut poisoned) = self.poisoned.lock() {
-                poisoned.get_or_insert_with(|| {
-                    format!("fsync of journal directory {} failed: {e}", dir.display())
-                });
-            }
-            self.is_poisoned.store(true, Ordering::Release);
-            tracing::error!(dir = %dir.display(), error = %e, "fsync of the journal directory failed; the journal refuses every later write and flush until it is reopened");
-        }
-        result
-    }
-}
-
-/// Which segment files' directory entries are durable: rotation creates a segment under
-/// the writer's lock without syncing the directory, and the next sync does.
-#[derive(Debug, Default)]
-struct DirEntries {
-    /// Segments created by this writer (a generation count).
-    created: AtomicU64,
-    /// The generation the last completed directory fsync covered.
-    synced: AtomicU64,
 }
 
 /// One segment file.
@@ -231,64 +144,6 @@ pub struct ReplayedRecord<'a> {
     pub payload_offset: u64,
     /// Its payload.
     pub payload: &'a [u8],
-}
-
-/// A closed segment a sync must still make durable.
-struct ClosedSegment {
-    file: Arc<File>,
-    path: PathBuf,
-    durable: Arc<AtomicBool>,
-}
-
-/// A handle to make the journal durable outside the writer's lock: every closed segment
-/// not yet synced, the directory entries of new segments, then (for a flush) the active
-/// segment as it was when the handle was taken.
-pub struct SyncTarget {
-    closed: Vec<ClosedSegment>,
-    dir: PathBuf,
-    /// The directory generation to make durable, if entries are not durable yet.
-    dir_generation: Option<u64>,
-    entries: Arc<DirEntries>,
-    active: Option<(Arc<File>, PathBuf)>,
-    /// The ordinal of the active segment.
-    pub ordinal: u32,
-    /// Its length when the handle was taken: what the sync covers.
-    pub end: u64,
-    health: Arc<Health>,
-}
-
-impl SyncTarget {
-    /// True if the sync has nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.active.is_none()
-            && self.dir_generation.is_none()
-            && self
-                .closed
-                .iter()
-                .all(|c| c.durable.load(Ordering::Acquire))
-    }
-
-    /// fdatasyncs every closed segment not yet durable, fsyncs the directory if a segment
-    /// was created since the last sync, then fdatasyncs the active segment (for a handle
-    /// from [`Writer::sync_target`]). A failure poisons the writer.
-    pub fn sync(&self) -> io::Result<()> {
-        for closed in &self.closed {
-            if !closed.durable.load(Ordering::Acquire) {
-                self.health.fdatasync(&closed.file, &closed.path)?;
-                closed.durable.store(true, Ordering::Release);
-            }
-        }
-        if let Some(generation) = self.dir_generation {
-            if self.entries.synced.load(Ordering::Acquire) < generation {
-                self.health.sync_dir(&self.dir)?;
-                self.entries.synced.fetch_max(generation, Ordering::AcqRel);
-            }
-        }
-        match &self.active {
-            Some((file, path)) => self.health.fdatasync(file, path),
-            None => Ok(()),
-        }
-    }
 }
 
 /// The one writer of a journal.
