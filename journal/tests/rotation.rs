@@ -154,3 +154,33 @@ fn a_torn_closed_segment_that_a_later_sync_point_covers_is_refused() {
         Err(WriterError::Journal(JournalError::BadSegmentHeader { .. }))
     ));
 }
+
+#[test]
+fn a_reader_stops_at_a_power_loss_break_without_changing_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, journal) = journal_with_closed_segments(tmp.path(), false);
+    let first = segment(&journal, 0);
+    let len = std::fs::metadata(&first).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let listed = dir::segments(&journal).unwrap();
+    let mut reader = sealvm_journal::reader::Reader::open(&journal).unwrap();
+    let mut seqs = Vec::new();
+    while let Some((header, _)) = reader.next_record().unwrap() {
+        seqs.push(header.seq);
+    }
+    let records_in_first =
+        (SEGMENT_BYTES - format::SEGMENT_HEADER_LEN as u64) / format::record_len(512);
+    assert_eq!(seqs, (1..records_in_first).collect::<Vec<_>>());
+    assert!(reader.summary().cut_by_power_loss);
+    assert_eq!(
+        dir::segments(&journal).unwrap(),
+        listed,
+        "a reader changed the journal"
+    );
+    assert_eq!(std::fs::metadata(&first).unwrap().len(), len - 100);
+}
