@@ -227,15 +227,22 @@ pub fn read_state(dir: &Path) -> Result<JournalState, JournalError> {
 
 /// Replaces the journal state crash-safely: a crash leaves the old or the new one.
 pub fn write_state(dir: &Path, state: &JournalState) -> Result<(), JournalError> {
+    write_state_with(&crate::storage::Disk, dir, state)
+}
+
+/// [`write_state`] through a storage seam (write-temp, fdatasync, rename, fsync-dir).
+pub fn write_state_with(
+    storage: &dyn crate::storage::Storage,
+    dir: &Path,
+    state: &JournalState,
+) -> Result<(), JournalError> {
     let path = dir.join(STATE_NAME);
     let bytes = serde_json::to_vec_pretty(state).map_err(|e| JournalError::BadState {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    sealvm_os::durable::replace(&path, &bytes, 0o644).map_err(|e| JournalError::Io {
-        path,
-        source: io::Error::other(e),
-    })
+    crate::storage::replace(storage, &path, &bytes)
+        .map_err(|source| JournalError::Io { path, source })
 }
 
 /// The image a journal's records apply to: the folded base once history has been folded,
@@ -307,8 +314,9 @@ pub struct OpenSegment {
     pub file: File,
     /// Its format version.
     pub version: u16,
-    /// The header was missing or torn: a segment created by a writer that crashed before
-    /// the header was durable, with no records (only the last segment may be one).
+    /// The header was missing or torn: a segment created by a writer that crashed or lost
+    /// power before the header was durable. Readers stop there; it holds nothing flushed
+    /// unless a sync point in it or after it says otherwise (then it is damage).
     pub torn_header: bool,
 }
 
@@ -328,6 +336,9 @@ pub fn open_segment(
     let mut head = [0u8; SEGMENT_HEADER_LEN];
     let got = file.read_at(&mut head, 0).map_err(JournalError::io(path))?;
     let version = match format::segment_version(&head[..got]) {
+        // An empty file in a named (version-2) journal: a segment created by rotation whose
+        // header a power loss dropped.
+        Some(1) if got == 0 && identity.is_some() => 2,
         Some(version) => version,
         // Zeroes where a header should be: a segment whose creation did not reach the disk.
         None if head[..got].iter().all(|&b| b == 0) => 2,
@@ -347,7 +358,9 @@ pub fn open_segment(
     let header = match format::decode_segment_header(&head[..got]) {
         Ok(header) => header,
         Err(_)
-            if file.len_bytes().map_err(JournalError::io(path))? <= SEGMENT_HEADER_LEN as u64 =>
+            if head[..got].iter().all(|&b| b == 0)
+                || file.len_bytes().map_err(JournalError::io(path))?
+                    <= SEGMENT_HEADER_LEN as u64 =>
         {
             return Ok(OpenSegment {
                 file,

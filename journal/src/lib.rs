@@ -9,9 +9,12 @@
 //!   the checks that a journal, its image and its folded base belong together;
 //! - [`consumer`]: named consumer cursors with a budget, and readers' holds;
 //! - [`reader`]: records in order from a cursor, following a live journal;
-//! - [`writer`]: the one writer: appends, rotation, fdatasync and sync points;
+//! - [`writer`]: the one writer: appends, rotation, fdatasync and sync points (what a sync
+//!   makes durable, and the health a failed one poisons, in the private `durability`);
 //! - [`extent_map`]: where each written extent's newest data lies, at any point in time;
 //! - [`upgrade`]: converting a version-1 journal;
+//! - [`storage`]: the seam the crash-critical file operations go through, and a recorder
+//!   that lists the states a power loss could leave;
 //! - [`fuzzing`]: the segment scanner on arbitrary bytes, for the fuzz target.
 //!
 //! It deliberately knows nothing about virtio, vhost-user or how a volume is served:
@@ -22,11 +25,13 @@
 pub mod bookmark;
 pub mod consumer;
 pub mod dir;
+mod durability;
 pub mod extent_map;
 pub mod format;
 pub mod fuzzing;
 pub mod reader;
 pub mod segment;
+pub mod storage;
 pub mod upgrade;
 pub mod writer;
 

@@ -14,7 +14,7 @@
 
 use crate::dir::{self, JournalError};
 use crate::format::{self, Identity, RecordHeader};
-use crate::segment::{SegmentError, SegmentScanner, SegmentSummary};
+use crate::segment::{SegmentBytes, SegmentError, SegmentScanner, SegmentSummary};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -63,6 +63,10 @@ pub struct ScanSummary {
     pub dropped_len: u64,
     /// The dropped bytes include valid records after a hole that no sync point covers.
     pub unflushed_after_hole: bool,
+    /// The valid records end before the last segment: a power loss tore a closed segment,
+    /// lost one, or lost a segment's header, and no sync point after that says a flush had
+    /// made it durable. The segments after the reader's cursor hold nothing flushed.
+    pub cut_by_power_loss: bool,
     /// Records read that are not annotations.
     pub records: u64,
     /// Seq of the first such record (0 when there is none).
@@ -303,13 +307,21 @@ impl Reader {
                 }
             }
             if ended.dropped_len > 0 || next != self.cursor.last_seq + 1 {
-                // A segment is complete on disk before the next one is created, so only
-                // the last can end in a torn record, and none can be missing.
-                return Err(JournalError::Gap {
-                    path,
-                    offset: ended.valid_len,
-                    seq: self.cursor.last_seq + 1,
-                });
+                // Rotation does not sync the segment it closes, so a power loss may tear
+                // a closed segment's tail or lose a later segment. If a sync point after
+                // here exists, a flush had made all of it durable: damage, refused.
+                // Otherwise nothing from here on was flushed, and the journal ends here
+                // (a writer cuts it here and removes the later segments).
+                if self.sync_point_after(self.cursor.segment)? {
+                    return Err(JournalError::Gap {
+                        path,
+                        offset: ended.valid_len,
+                        seq: self.cursor.last_seq + 1,
+                    });
+                }
+                self.summary.cut_by_power_loss = true;
+                self.current = None;
+                return Ok(None);
             }
             self.cursor = Cursor {
                 segment: next,
@@ -341,6 +353,18 @@ impl Reader {
                 Err(e) => return Err(e),
             };
         if opened.torn_header {
+            // A segment whose header is not there yet (a live writer is creating it) or
+            // never reached the disk (a power loss after rotation). The second is damage
+            // if a flush covered it: then a sync point in it or after it says so.
+            let later = dir::segments(&self.dir)?
+                .iter()
+                .any(|(first, _)| *first > self.cursor.segment);
+            if later || opened.file.len_bytes().map_err(JournalError::io(&path))? > start_v2() {
+                if self.sync_point_after(self.cursor.segment - 1)? {
+                    return Err(JournalError::BadSegmentHeader { path });
+                }
+                self.summary.cut_by_power_loss = true;
+            }
             return Ok(false);
         }
         let start = format::records_start(opened.version);
@@ -350,6 +374,23 @@ impl Reader {
             SegmentScanner::new(opened.file, opened.version, offset, self.cursor.last_seq);
         self.current = Some(Current { path, scanner });
         Ok(true)
+    }
+
+    /// Whether any segment after `segment` holds a valid sync point: the sign that a flush
+    /// made every earlier segment durable whole.
+    fn sync_point_after(&self, segment: u64) -> Result<bool, JournalError> {
+        for (first, path) in dir::segments(&self.dir)? {
+            if first <= segment {
+                continue;
+            }
+            let file = File::open(&path).map_err(JournalError::io(&path))?;
+            if crate::segment::has_sync_point(&file, 2, start_v2(), first - 1)
+                .map_err(JournalError::io(&path))?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The segment the cursor names is not there: folded away (an error, unless every
@@ -447,6 +488,11 @@ pub fn scan_from(
         }
     }
     Ok(reader.summary().clone())
+}
+
+/// Where records start in a version-2 segment.
+fn start_v2() -> u64 {
+    format::records_start(2)
 }
 
 /// The signal of a writer, shared with followers.

@@ -297,6 +297,17 @@ fn record_at<S: SegmentBytes + ?Sized>(
         .then_some((header, payload)))
 }
 
+/// Whether any valid sync point lies at or after `from` in `src` (records after
+/// `last_seq`, hopping over damage): a flush completed after everything before it.
+pub fn has_sync_point<S: SegmentBytes + ?Sized>(
+    src: &S,
+    version: u16,
+    from: u64,
+    last_seq: u64,
+) -> io::Result<bool> {
+    Ok(durable_point_after(src, version, from, last_seq)? > 0)
+}
+
 /// The furthest durable offset any sync point from `from` on claims, following valid
 /// records (and hopping over further damage) to the end of the segment; 0 if none does.
 fn durable_point_after<S: SegmentBytes + ?Sized>(

@@ -19,9 +19,9 @@
 use crate::dir::{self, JournalError, JournalState};
 use crate::format::{self, Identity, NewRecord, RecordKind, SegmentHeader, Uuid};
 use crate::segment::SegmentScanner;
-use std::fs::File;
+use crate::storage::{Disk, Storage};
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// What an upgrade did.
@@ -43,6 +43,16 @@ pub struct Upgraded {
 /// Upgrades the journal in `dir`, whose volume image is `base`, to format version 2.
 /// Upgrading a version-2 journal does nothing.
 pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
+    upgrade_with(dir, base, &Disk)
+}
+
+/// [`upgrade`] with its writes, syncs and renames going through `storage` (the crash
+/// simulator's seam).
+pub fn upgrade_with(
+    dir: &Path,
+    base: &Path,
+    storage: &dyn Storage,
+) -> Result<Upgraded, JournalError> {
     use sealvm_os::lock::{lock_file, LockFileError, LockMode, Wait};
     let lock_path = dir.join(dir::SERVE_LOCK_NAME);
     let _lock = lock_file(&lock_path, LockMode::Exclusive, Wait::NoWait).map_err(|e| match e {
@@ -79,7 +89,7 @@ pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
                 base_fingerprint: Some(dir::fingerprint(&image, base)?),
                 ..state
             };
-            dir::write_state(dir, &state)?;
+            dir::write_state_with(storage, dir, &state)?;
             identity
         }
     };
@@ -109,7 +119,7 @@ pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
             }
         }
         let (records, zero_writes, after, last) =
-            rewrite_segment(&path, opened.file, first_seq, &identity)?;
+            rewrite_segment(storage, &path, opened.file, first_seq, &identity)?;
         report.segments += 1;
         report.records += records;
         report.zero_writes += zero_writes;
@@ -128,11 +138,13 @@ pub fn upgrade(dir: &Path, base: &Path) -> Result<Upgraded, JournalError> {
 /// Rewrites one version-1 segment as version 2; returns (records, zero writes, new bytes,
 /// last seq).
 fn rewrite_segment(
+    storage: &dyn Storage,
     path: &Path,
     old: File,
     first_seq: u64,
     identity: &Identity,
 ) -> Result<(u64, u64, u64, u64), JournalError> {
+    let tmp = path.with_extension("svj.upgrade");
     let mut out = Vec::new();
     out.extend_from_slice(&format::encode_segment_header(&SegmentHeader {
         identity: *identity,
@@ -196,16 +208,23 @@ fn rewrite_segment(
         out.extend_from_slice(&format::encode(&record, payload));
     }
     let last_seq = scanner.summary().last_seq;
-    // The new segment keeps the old one's permissions.
-    let mode = old
-        .metadata()
-        .map_err(JournalError::io(path))?
-        .permissions()
-        .mode()
-        & 0o7777;
-    sealvm_os::durable::replace(path, &out, mode).map_err(|e| JournalError::Io {
-        path: path.to_path_buf(),
-        source: io::Error::other(e),
+    let write = || -> io::Result<()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        storage.write_at(&tmp, &file, &out, 0)?;
+        storage.sync_data(&tmp, &file)?;
+        storage.rename(&tmp, path)?;
+        storage.sync_dir(&sealvm_os::durable::parent_dir(path))
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     Ok((records, zero_writes, out.len() as u64, last_seq))
 }

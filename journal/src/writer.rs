@@ -9,15 +9,18 @@
 //! replayed, which reads back what really is in the file.
 
 use crate::dir::{self, JournalError, JournalState};
+pub use crate::durability::SyncTarget;
+use crate::durability::{ClosedSegment, DirEntries, Health};
 use crate::format::{self, Identity, NewRecord, RecordHeader, RecordKind, SegmentHeader, Uuid};
 use crate::reader::{AppendSignal, Reader};
+use crate::storage::{self, Storage};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The smallest and largest segment sizes a writer accepts (extent maps hold a 32-bit
 /// offset in a segment).
@@ -53,83 +56,6 @@ pub enum WriterError {
     SegmentSize(u64),
 }
 
-/// What became durable: told to a [`SyncObserver`] after the fact.
-#[derive(Debug, Clone, Copy)]
-pub enum SyncEvent<'a> {
-    /// An fdatasync of this segment file returned successfully: its bytes as they were
-    /// when it started are durable.
-    File(&'a Path),
-    /// An fsync of this directory returned: its entries (new segments) are durable.
-    Dir(&'a Path),
-}
-
-/// Called after every fdatasync and directory fsync the writer makes: the seam the crash
-/// simulator (`tests/crash_sim.rs`) records durability through.
-pub type SyncObserver = Arc<dyn Fn(SyncEvent<'_>) + Send + Sync>;
-
-/// Health shared by a writer and the sync handles it gives out.
-#[derive(Default)]
-struct Health {
-    poisoned: Mutex<Option<String>>,
-    is_poisoned: AtomicBool,
-    injected_failures: AtomicU32,
-    observer: Mutex<Option<SyncObserver>>,
-}
-
-impl Health {
-    fn observe(&self, event: SyncEvent<'_>) {
-        let observer = self.observer.lock().ok().and_then(|o| o.clone());
-        if let Some(observer) = observer {
-            observer(event);
-        }
-    }
-}
-
-impl Health {
-    fn check(&self) -> io::Result<()> {
-        if !self.is_poisoned.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let why = self
-            .poisoned
-            .lock()
-            .map(|p| p.clone().unwrap_or_default())
-            .unwrap_or_default();
-        Err(io::Error::other(format!(
-            "{why}; the kernel may have dropped data it could not write, so no later flush \
-             can be trusted: restart sealvm-blk to reopen and replay the journal"
-        )))
-    }
-
-    fn fdatasync(&self, file: &File, path: &Path) -> io::Result<()> {
-        self.check()?;
-        let result = if self
-            .injected_failures
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        } else {
-            file.sync_data()
-        };
-        if let Err(e) = &result {
-            if let Ok(mut poisoned) = self.poisoned.lock() {
-                poisoned.get_or_insert_with(|| {
-                    format!(
-                        "fdatasync of journal segment {} failed: {e}",
-                        path.display()
-                    )
-                });
-            }
-            self.is_poisoned.store(true, Ordering::Release);
-            tracing::error!(segment = %path.display(), error = %e, "fdatasync failed; the journal refuses every later write and flush until it is reopened");
-        } else {
-            self.observe(SyncEvent::File(path));
-        }
-        result
-    }
-}
-
 /// One segment file.
 #[derive(Debug)]
 pub struct SegmentState {
@@ -149,6 +75,10 @@ pub struct SegmentState {
     pub path: PathBuf,
     /// The file, shared with syncs outside the writer's lock.
     pub file: Arc<File>,
+    /// Set once the segment is closed and an fdatasync since has made all of it durable.
+    /// Rotation does not sync the segment it closes (that would hold the writer's lock
+    /// for the length of a large fdatasync); the next flush does, outside the lock.
+    durable: Arc<AtomicBool>,
 }
 
 impl SegmentState {
@@ -160,6 +90,25 @@ impl SegmentState {
     /// Bytes of records (the segment header not counted).
     pub fn record_bytes(&self) -> u64 {
         self.bytes.saturating_sub(format::SEGMENT_HEADER_LEN as u64)
+    }
+
+    /// True once the segment is closed and an fdatasync made all of it durable.
+    pub fn is_durable(&self) -> bool {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    fn new(first_seq: u64, path: PathBuf, file: File) -> SegmentState {
+        SegmentState {
+            first_seq,
+            last_seq: first_seq - 1,
+            first_time_ns: 0,
+            last_time_ns: 0,
+            bytes: format::SEGMENT_HEADER_LEN as u64,
+            synced_to: 0,
+            path,
+            file: Arc::new(file),
+            durable: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
@@ -197,24 +146,6 @@ pub struct ReplayedRecord<'a> {
     pub payload: &'a [u8],
 }
 
-/// A handle to fdatasync the active segment outside the writer's lock.
-pub struct SyncTarget {
-    file: Arc<File>,
-    path: PathBuf,
-    /// The ordinal of the segment.
-    pub ordinal: u32,
-    /// Its length when the handle was taken: what the sync covers.
-    pub end: u64,
-    health: Arc<Health>,
-}
-
-impl SyncTarget {
-    /// fdatasyncs the segment; a failure poisons the writer.
-    pub fn sync(&self) -> io::Result<()> {
-        self.health.fdatasync(&self.file, &self.path)
-    }
-}
-
 /// The one writer of a journal.
 pub struct Writer {
     dir: PathBuf,
@@ -225,6 +156,7 @@ pub struct Writer {
     next_seq: u64,
     segment_bytes: u64,
     health: Arc<Health>,
+    entries: Arc<DirEntries>,
     signal: Arc<AppendSignal>,
     _serve_lock: File,
 }
@@ -237,6 +169,18 @@ impl Writer {
         dir: &Path,
         base: &Path,
         segment_bytes: u64,
+        visit: impl FnMut(ReplayedRecord<'_>),
+    ) -> Result<(Writer, Replayed), WriterError> {
+        Self::open_with(dir, base, segment_bytes, storage::disk(), visit)
+    }
+
+    /// [`Writer::open`] with every sync, rename and removal (on open, of the journal state,
+    /// and later) going through `storage`: the crash simulator's seam.
+    pub fn open_with(
+        dir: &Path,
+        base: &Path,
+        segment_bytes: u64,
+        storage: Arc<dyn Storage>,
         mut visit: impl FnMut(ReplayedRecord<'_>),
     ) -> Result<(Writer, Replayed), WriterError> {
         if !SEGMENT_BYTES_RANGE.contains(&segment_bytes) {
@@ -281,7 +225,7 @@ impl Writer {
                     base_seq: state.base_seq,
                     write_through: state.write_through,
                 };
-                dir::write_state(dir, &state)?;
+                dir::write_state_with(storage.as_ref(), dir, &state)?;
                 identity
             }
             None => {
@@ -292,7 +236,7 @@ impl Writer {
             }
         };
         dir::check_base(dir, base, &state)?;
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(storage.clone()));
         if listed.is_empty() {
             let first = state.base_seq + 1;
             create_segment(dir, &identity, first, &health)?;
@@ -306,8 +250,8 @@ impl Writer {
             });
         }
         let mut segments = VecDeque::new();
-        let count = listed.len();
-        for (i, (first, path)) in listed.iter().enumerate() {
+        let mut torn_headers = Vec::new();
+        for (first, path) in &listed {
             let opened = dir::open_segment(path, *first, Some(&identity), true)?;
             if opened.version == 1 {
                 return Err(JournalError::NeedsUpgrade {
@@ -315,25 +259,13 @@ impl Writer {
                 }
                 .into());
             }
-            if opened.torn_header {
-                if i + 1 != count {
-                    return Err(JournalError::BadSegmentHeader { path: path.clone() }.into());
-                }
-                // Created by a writer that crashed before the header was durable; it
-                // holds no record: write the header again.
-                write_segment_header(&opened.file, path, &identity, *first)?;
-            }
-            segments.push_back(SegmentState {
-                first_seq: *first,
-                last_seq: first - 1,
-                first_time_ns: 0,
-                last_time_ns: 0,
-                bytes: format::SEGMENT_HEADER_LEN as u64,
-                synced_to: 0,
-                path: path.clone(),
-                file: Arc::new(opened.file),
-            });
+            torn_headers.push(opened.torn_header);
+            segments.push_back(SegmentState::new(*first, path.clone(), opened.file));
         }
+        // The reader stops at the end of the records a power loss may have kept: a torn
+        // tail, a segment whose header never reached the disk, or a segment missing after
+        // one that ends early, with no sync point after it (it refuses the journal if one
+        // says the lost bytes had been durable).
         let mut reader = Reader::open(dir)?;
         let mut current = 0usize;
         while let Some((header, at)) = reader.next_record()? {
@@ -355,7 +287,38 @@ impl Writer {
             });
         }
         let summary = reader.summary().clone();
+        let stopped_in = reader.cursor().segment;
+        // Segments after the one the reader stopped in hold only records no flush made
+        // durable (their predecessor lost its tail, or they lost their header): remove them.
+        let mut removed = Vec::new();
+        while segments.len() > 1 && segments.back().is_some_and(|s| s.first_seq > stopped_in) {
+            removed.extend(segments.pop_back());
+        }
+        for segment in &removed {
+            tracing::warn!(
+                segment = %segment.path.display(),
+                "journal segment after a power loss's cut holds no flushed record; removing it"
+            );
+            storage
+                .remove_file(&segment.path)
+                .map_err(JournalError::io(&segment.path))?;
+        }
         let active = segments.back().expect("at least one segment");
+        if torn_headers[segments.len() - 1] {
+            // Created by a writer that lost power before the header was durable; nothing in
+            // it was flushed: write the header again over an empty segment.
+            active
+                .file
+                .set_len(0)
+                .map_err(JournalError::io(&active.path))?;
+            write_segment_header(
+                storage.as_ref(),
+                &active.file,
+                &active.path,
+                &identity,
+                active.first_seq,
+            )?;
+        }
         if summary.unflushed_after_hole {
             tracing::warn!(
                 segment = %active.path.display(),
@@ -370,17 +333,28 @@ impl Writer {
                 "journal ends in a torn or corrupt record; cutting it off"
             );
         }
-        if summary.dropped_len > 0 {
+        let dropped_len = if torn_headers[segments.len() - 1] {
+            0
+        } else {
+            summary.dropped_len
+        };
+        if dropped_len > 0 {
             let io_err = JournalError::io(&active.path);
             active.file.set_len(active.bytes).map_err(io_err)?;
-            active
-                .file
-                .sync_all()
+            storage
+                .sync_all(&active.path, &active.file)
                 .map_err(JournalError::io(&active.path))?;
+        }
+        if !removed.is_empty() {
+            storage.sync_dir(dir).map_err(JournalError::io(dir))?;
         }
         let next_seq = summary.last_seq.max(state.base_seq) + 1;
         let signal = Arc::new(AppendSignal::default());
         signal.notify(next_seq - 1);
+        // Closed segments may still be only in the page cache (a process that crashed
+        // wrote them): the first sync makes them and the directory durable.
+        let entries = Arc::new(DirEntries::default());
+        entries.created.store(1, Ordering::Release);
         Ok((
             Writer {
                 dir: dir.to_path_buf(),
@@ -391,6 +365,7 @@ impl Writer {
                 next_seq,
                 segment_bytes,
                 health,
+                entries,
                 signal,
                 _serve_lock: serve_lock,
             },
@@ -421,7 +396,8 @@ impl Writer {
         let mut state = self.state;
         change(&mut state);
         if state != self.state {
-            dir::write_state(&self.dir, &state).map_err(io::Error::other)?;
+            dir::write_state_with(self.health.storage.as_ref(), &self.dir, &state)
+                .map_err(io::Error::other)?;
             self.state = state;
         }
         Ok(())
@@ -488,12 +464,10 @@ impl Writer {
             .store(count, Ordering::Release);
     }
 
-    /// Calls `observer` after every later fdatasync and directory fsync (the crash
-    /// simulator's seam).
-    pub fn set_sync_observer(&self, observer: SyncObserver) {
-        if let Ok(mut slot) = self.health.observer.lock() {
-            *slot = Some(observer);
-        }
+    /// The storage seam this writer's syncs, renames and removals go through; folding
+    /// uses it too.
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.health.storage.clone()
     }
 
     /// Fails if an earlier fdatasync failed.
@@ -565,18 +539,14 @@ impl Writer {
         let ordinal = self.active_ordinal();
         let active = self.segments.back_mut().expect("an active segment");
         let at = active.bytes;
-        if payload.len() >= 4096 && format::padding(payload.len()).is_empty() {
-            // Large payloads are written from where they are, not copied into a record.
-            let header = format::encode_header(&record, payload);
-            active.file.write_all_at(&header, at)?;
-            active
-                .file
-                .write_all_at(payload, at + format::HEADER_LEN as u64)?;
-        } else {
-            active
-                .file
-                .write_all_at(&format::encode(&record, payload), at)?;
-        }
+        // One positioned write of header, payload (from where the caller has it: never
+        // copied into a record buffer) and padding.
+        let header = format::encode_header(&record, payload);
+        write_all_vectored_at(
+            &active.file,
+            &[&header, payload, format::padding(payload.len())],
+            at,
+        )?;
         if active.is_empty() {
             active.first_time_ns = time_ns;
         }
@@ -595,14 +565,43 @@ impl Writer {
         })
     }
 
-    /// A handle to fdatasync the active segment as it is now, outside the caller's lock.
+    /// A handle to make every record appended so far durable (a flush), outside the
+    /// caller's lock: closed segments not yet synced, new directory entries, and the active
+    /// segment as it is now.
     pub fn sync_target(&self) -> SyncTarget {
         let active = self.active();
         SyncTarget {
-            file: active.file.clone(),
-            path: active.path.clone(),
+            active: Some((active.file.clone(), active.path.clone())),
+            ..self.closed_sync_target()
+        }
+    }
+
+    /// A handle to make every closed segment and the directory entries durable, outside
+    /// the caller's lock; the active segment is left alone. Folding syncs a segment this
+    /// way before it gives up the segment's points in time.
+    pub fn closed_sync_target(&self) -> SyncTarget {
+        let closed = self
+            .segments
+            .iter()
+            .take(self.segments.len() - 1)
+            .filter(|s| !s.is_durable())
+            .map(|s| ClosedSegment {
+                file: s.file.clone(),
+                path: s.path.clone(),
+                durable: s.durable.clone(),
+            })
+            .collect();
+        let generation = self.entries.created.load(Ordering::Acquire);
+        let dir_generation =
+            (self.entries.synced.load(Ordering::Acquire) < generation).then_some(generation);
+        SyncTarget {
+            closed,
+            dir: self.dir.clone(),
+            dir_generation,
+            entries: self.entries.clone(),
+            active: None,
             ordinal: self.active_ordinal(),
-            end: active.bytes,
+            end: self.active().bytes,
             health: self.health.clone(),
         }
     }
@@ -610,9 +609,12 @@ impl Writer {
     /// Records that segment `ordinal` was durable up to `end` (an fdatasync that started
     /// when it ended there has completed), unless a sync point already says as much. On
     /// open, such a point tells damage to durable records (refused) from a power loss's
-    /// hole among unflushed ones (cut).
+    /// hole among unflushed ones (cut); a sync point in a later segment also says every
+    /// earlier segment had been durable whole.
     pub fn record_sync_point(&mut self, ordinal: u32, end: u64) -> io::Result<()> {
-        // A segment closed since was synced whole when it was closed.
+        // A segment closed since is not the active one: a sync point in the new active
+        // segment would claim the closed segment durable whole, which this sync did not
+        // make sure of (records may have been appended after the handle was taken).
         if ordinal != self.active_ordinal() || end <= self.active().synced_to {
             return Ok(());
         }
@@ -622,30 +624,99 @@ impl Writer {
         Ok(())
     }
 
-    /// Closes the active segment (fdatasync'ed, so only the last segment can ever end in a
-    /// torn record) and starts a new one named by the next sequence number.
+    /// Closes the active segment and starts a new one named by the next sequence number.
+    /// Nothing is synced here, under the caller's lock: the next sync makes the closed
+    /// segment, the new segment's directory entry and header durable
+    /// ([`Writer::sync_target`]). Until then a power loss may tear the closed segment or
+    /// lose the new one; replay cuts there, as nothing after it was flushed.
     pub fn rotate(&mut self) -> io::Result<()> {
-        let active = self.active();
-        self.health.fdatasync(&active.file, &active.path)?;
         let first_seq = self.next_seq;
-        let (path, file) = create_segment(&self.dir, &self.identity, first_seq, &self.health)
-            .map_err(io::Error::other)?;
-        self.segments.push_back(SegmentState {
+        let path = dir::segment_path(&self.dir, first_seq);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let header = format::encode_segment_header(&SegmentHeader {
+            identity: self.identity,
             first_seq,
-            last_seq: first_seq - 1,
-            first_time_ns: 0,
-            last_time_ns: 0,
-            bytes: format::SEGMENT_HEADER_LEN as u64,
-            synced_to: 0,
-            path,
-            file: Arc::new(file),
         });
+        file.write_all_at(&header, 0)?;
+        preallocate(&file, self.segment_bytes);
+        self.entries.created.fetch_add(1, Ordering::AcqRel);
+        self.segments
+            .push_back(SegmentState::new(first_seq, path, file));
         tracing::debug!(first_seq, "journal segment started");
         Ok(())
     }
 }
 
-/// Creates segment `first_seq` with its header, durable (file and directory entry).
+/// Reserves the blocks of a whole segment beyond the file's end (its length stays what is
+/// written), so appends overwrite allocated blocks instead of reserving space page by
+/// page. Only a hint: a file system that cannot is left to allocate as it goes.
+fn preallocate(file: &File, segment_bytes: u64) {
+    use std::os::unix::io::AsRawFd;
+    let Ok(len) = libc::off_t::try_from(segment_bytes) else {
+        return;
+    };
+    // SAFETY: fallocate only reads the descriptor, which `file` keeps open, and the range.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+    if result != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot preallocate a journal segment");
+    }
+}
+
+/// Writes every byte of `parts`, one after the other, at `offset` of `file` with as few
+/// `pwritev` calls as the kernel allows (one, unless it writes short), allocating nothing.
+fn write_all_vectored_at(file: &File, parts: &[&[u8]; 3], offset: u64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let mut parts = *parts;
+    let mut offset = offset;
+    loop {
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 3];
+        let mut count = 0;
+        for part in parts.iter().filter(|p| !p.is_empty()) {
+            iovecs[count] = libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            };
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let Ok(at) = libc::off_t::try_from(offset) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: the first `count` iovecs point into slices of `parts`, alive and unchanged
+        // for the call; pwritev only reads them, and the descriptor `file` keeps open.
+        let written =
+            unsafe { libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), count as libc::c_int, at) };
+        if written < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if written == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        let mut written = written as usize;
+        offset += written as u64;
+        for part in parts.iter_mut() {
+            let n = written.min(part.len());
+            *part = &part[n..];
+            written -= n;
+        }
+    }
+}
+
+/// Creates segment `first_seq` with its header, durable (file and directory entry): the
+/// first segment of a journal, made on open.
 fn create_segment(
     dir: &Path,
     identity: &Identity,
@@ -659,14 +730,16 @@ fn create_segment(
         .create_new(true)
         .open(&path)
         .map_err(JournalError::io(&path))?;
-    write_segment_header(&file, &path, identity, first_seq)?;
-    health.observe(SyncEvent::File(&path));
-    sealvm_os::durable::sync_dir(dir).map_err(JournalError::io(dir))?;
-    health.observe(SyncEvent::Dir(dir));
+    write_segment_header(health.storage.as_ref(), &file, &path, identity, first_seq)?;
+    health
+        .storage
+        .sync_dir(dir)
+        .map_err(JournalError::io(dir))?;
     Ok((path, file))
 }
 
 fn write_segment_header(
+    storage: &dyn Storage,
     file: &File,
     path: &Path,
     identity: &Identity,
@@ -676,7 +749,57 @@ fn write_segment_header(
         identity: *identity,
         first_seq,
     });
-    file.write_all_at(&header, 0)
-        .and_then(|()| file.sync_data())
+    storage
+        .write_at(path, file, &header, 0)
+        .and_then(|()| storage.sync_data(path, file))
         .map_err(JournalError::io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_appended_record_is_its_encoding_byte_for_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let journal = tmp.path().join("j");
+        let (mut writer, _) = Writer::open(&journal, &base, 1 << 20, |_| {}).unwrap();
+        let start = writer.active().bytes as usize;
+        let mut expected = Vec::new();
+        for (offset, payload) in [(0u64, vec![3u8; 65536]), (512, b"odd-length".to_vec())] {
+            let kind = if payload.len() > 100 {
+                RecordKind::Write
+            } else {
+                RecordKind::Bookmark
+            };
+            let appended = writer.append(kind, offset, &payload).unwrap();
+            let record = NewRecord {
+                kind,
+                seq: appended.seq,
+                time_ns: appended.time_ns,
+                offset,
+                flags: 0,
+            };
+            expected.extend_from_slice(&format::encode(&record, &payload));
+        }
+        let bytes = std::fs::read(&writer.active().path).unwrap();
+        assert_eq!(bytes.len() as u64, writer.active().bytes);
+        assert!(bytes[start..] == expected[..], "the records on disk differ");
+    }
+
+    #[test]
+    fn a_vectored_write_puts_every_part_in_order_at_its_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let file = File::create(&path).unwrap();
+        let big = vec![7u8; 3 << 20];
+        write_all_vectored_at(&file, &[b"head", &big, b"tail"], 10).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 10 + 4 + big.len() + 4);
+        assert_eq!(&bytes[10..14], b"head");
+        assert!(bytes[14..14 + big.len()].iter().all(|&b| b == 7));
+        assert_eq!(&bytes[bytes.len() - 4..], b"tail");
+    }
 }

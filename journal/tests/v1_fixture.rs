@@ -78,12 +78,11 @@ fn a_version_one_journal_reads_refuses_writing_and_upgrades_with_the_same_record
     );
 }
 
-/// A directory fsync cannot be made to fail for real, so this arms the failpoint seam of
-/// `sealvm_os::durable` (feature `failpoints`, on for this crate's tests) on the first
-/// segment's replacement.
+/// A directory fsync cannot be made to fail for real, so this injects the failure through
+/// the storage seam ([`FailOnce`]) on the first segment's rewrite.
 #[test]
 fn an_upgrade_whose_directory_sync_fails_says_so_and_a_rerun_finishes_it() {
-    use sealvm_os::durable::{failpoint, Step};
+    use sealvm_journal::storage::{FailAt, FailOnce};
     let tmp = tempfile::tempdir().unwrap();
     let (base, journal) = fixture_copy(tmp.path());
     let before = records(&journal);
@@ -95,9 +94,8 @@ fn an_upgrade_whose_directory_sync_fails_says_so_and_a_rerun_finishes_it() {
         .to_str()
         .unwrap()
         .to_owned();
-    failpoint::fail_next_named(&first, Step::SyncDir);
-    let result = upgrade(&journal, &base);
-    failpoint::clear();
+    let failing = FailOnce::new(FailAt::SyncDir, Some(&first));
+    let result = sealvm_journal::upgrade::upgrade_with(&journal, &base, failing.as_ref());
     let error = result.expect_err("an upgrade whose directory sync failed succeeded");
     assert!(error.to_string().contains(&first), "{error}");
     let report = upgrade(&journal, &base).unwrap();

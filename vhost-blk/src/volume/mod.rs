@@ -11,6 +11,7 @@ pub use fold::{FoldReport, Retention};
 use sealvm_journal::bookmark::{self, Bookmark};
 use sealvm_journal::extent_map::{ExtentMap, Source, SECTOR};
 use sealvm_journal::format::RecordKind;
+use sealvm_journal::storage::{self, Storage};
 use sealvm_journal::writer::{ReplayedRecord, Writer, WriterError};
 use sealvm_journal::{format, JournalError};
 use sealvm_virtio_blk::{BlockBackend, RawFile};
@@ -88,8 +89,8 @@ pub struct VolumeCounters {
     pub zero_extents: AtomicU64,
     /// Flushes (fdatasync of the journal).
     pub flushes: AtomicU64,
-    /// fdatasyncs of the journal for any reason: flushes, write-through writes, bookmarks,
-    /// segment rotation.
+    /// Syncs of the journal for any reason: flushes, write-through writes, bookmarks, a
+    /// closed segment made durable before it is folded. (Rotation syncs nothing itself.)
     pub syncs: AtomicU64,
     /// Segments folded into the base.
     pub folded_segments: AtomicU64,
@@ -199,25 +200,38 @@ impl JournaledVolume {
         dir: &Path,
         options: JournalOptions,
     ) -> Result<(Self, Opened), VolumeError> {
+        Self::open_with_storage(base, dir, options, storage::disk())
+    }
+
+    /// [`JournaledVolume::open_with`] with the journal's syncs, renames and removals, and
+    /// folding's, going through `storage` (the crash simulator's seam).
+    pub fn open_with_storage(
+        base: &Path,
+        dir: &Path,
+        options: JournalOptions,
+        storage: Arc<dyn Storage>,
+    ) -> Result<(Self, Opened), VolumeError> {
         let image = RawFile::open(base, true)?;
         let capacity = image.capacity_bytes();
         drop(image);
         let mut index = ExtentMap::new();
         let mut bookmarks = Vec::new();
-        let (writer, replayed) = Writer::open(dir, base, options.segment_bytes, |record| {
-            let ReplayedRecord {
-                header,
-                ordinal,
-                payload_offset,
-                payload,
-            } = record;
-            if let Some(source) = indexed(header.kind, ordinal, payload_offset) {
-                let len = format::zero_extent_len(header, payload).unwrap_or(u64::from(header.len));
-                index.insert(sectors_of(header.offset), sectors_of(len), source);
-            } else if header.kind == RecordKind::Bookmark {
-                bookmarks.push(Bookmark::from_record(header, payload));
-            }
-        })?;
+        let (writer, replayed) =
+            Writer::open_with(dir, base, options.segment_bytes, storage, |record| {
+                let ReplayedRecord {
+                    header,
+                    ordinal,
+                    payload_offset,
+                    payload,
+                } = record;
+                if let Some(source) = indexed(header.kind, ordinal, payload_offset) {
+                    let len =
+                        format::zero_extent_len(header, payload).unwrap_or(u64::from(header.len));
+                    index.insert(sectors_of(header.offset), sectors_of(len), source);
+                } else if header.kind == RecordKind::Bookmark {
+                    bookmarks.push(Bookmark::from_record(header, payload));
+                }
+            })?;
         let base_seq = writer.state().base_seq;
         bookmarks.retain(|b| b.seq > base_seq);
         let folded_path = dir.join(sealvm_journal::dir::FOLDED_BASE_NAME);
@@ -306,7 +320,7 @@ impl JournaledVolume {
         let segments = state.writer.segments().len();
         let appended = state.writer.append(kind, offset, payload)?;
         if state.writer.segments().len() != segments {
-            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+            // A segment closed (not synced: the next flush does that, outside the lock).
             self.wake_folder();
         }
         if let Some(source) = indexed(kind, appended.ordinal, appended.payload_offset) {
@@ -322,12 +336,14 @@ impl JournaledVolume {
         Ok(appended)
     }
 
-    /// fdatasyncs the active segment (outside the lock, so the guest's writes go on) and
-    /// records the sync point.
+    /// Makes every record appended so far durable: closed segments not yet synced, new
+    /// segments' directory entries, and the active segment, all outside the lock so the
+    /// guest's writes go on; then records the sync point.
     fn sync_and_record(&self) -> io::Result<()> {
         let target = self.read_state()?.writer.sync_target();
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        // If the segment is closed in between, closing it synced it.
+        // If the segment is closed in between, no sync point is recorded for it (see
+        // `Writer::record_sync_point`); the next sync covers it.
         target.sync()?;
         self.write_state()?
             .writer
@@ -522,8 +538,8 @@ impl BlockBackend for JournaledVolume {
     }
 
     fn flush(&self) -> io::Result<()> {
-        // Every write acknowledged before this flush is already in a segment file, and every
-        // segment but the active one was fdatasync'ed when it was closed.
+        // Every write acknowledged before this flush is already in a segment file; the sync
+        // covers the closed segments not yet durable and the active one.
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.sync_and_record()
     }
