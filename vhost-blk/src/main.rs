@@ -373,7 +373,7 @@ fn serve_device(
     tracing::info!(volume = %name, socket = %socket.display(), "serving");
     // One frontend at a time; when it disconnects, wait for the next (a rebooted VM). The
     // socket stays bound throughout, so a frontend that reconnects at once finds it.
-    let mut listener = vhost::vhost_user::Listener::new(socket, true)
+    let listener = vhost::vhost_user::Listener::new(socket, true)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     loop {
         // A daemon per connection: vhost-user ownership (SET_OWNER) belongs to one frontend.
@@ -383,10 +383,28 @@ fn serve_device(
             GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
         )
         .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| anyhow::anyhow!("cannot accept on {}: {e}", socket.display()))?;
+        let frontend = loop {
+            if let Some(frontend) = listener
+                .accept()
+                .with_context(|| format!("cannot accept on {}", socket.display()))?
+            {
+                break frontend;
+            }
+        };
+        // The inflight messages are answered beside the daemon's handler (INFLIGHT_SHMFD).
+        let connection = sealvm_blk::inflight::serve_connection(
+            frontend,
+            device.inflight_slots(),
+            sealvm_blk::device::QUEUE_SIZE,
+            |listener| {
+                daemon
+                    .start(listener)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            },
+        )
+        .context("cannot serve the frontend")?;
         let result = daemon.wait();
+        connection.finish();
         // Stop this connection's queue workers before the next frontend gets new ones.
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
