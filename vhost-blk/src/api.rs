@@ -27,7 +27,8 @@
 //! `counters` returns one object: requests completed and by kind (`requests-by-kind`:
 //! `read`, `write`, `flush`, `get-id`, `discard`, `write-zeroes`, and `rejected` for chains
 //! refused before they ran), `read-bytes`, `write-bytes`, `guest-errors`, `io-errors`,
-//! `latency-us-log2` (the non-empty log2 buckets of service time as `{"from-us", "count"}`:
+//! `inflight-resubmitted` (requests in flight when a previous sealvm-blk stopped, served
+//! again from the frontend's inflight region), `latency-us-log2` (the non-empty log2 buckets of service time as `{"from-us", "count"}`:
 //! the bucket from 2^i µs holds requests served in 2^i to 2^(i+1) µs, the one from 1 µs
 //! also those under 1 µs, the one from 2^23 µs everything longer), and for a journaled
 //! volume `journal-bytes` (all segments), `journal-segments`, `last-seq`, `oldest-seq` and

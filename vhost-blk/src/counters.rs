@@ -39,6 +39,9 @@ pub struct DeviceCounters {
     pub guest_errors: AtomicU64,
     /// Requests that failed in the storage.
     pub io_errors: AtomicU64,
+    /// Requests a previous sealvm-blk took from the ring and did not complete, served again
+    /// from the frontend's inflight region (INFLIGHT_SHMFD).
+    pub inflight_resubmitted: AtomicU64,
     /// Service time of parsed requests, microseconds, in log2 buckets (see
     /// [`LATENCY_BUCKETS`]).
     pub latency_us_log2: [AtomicU64; LATENCY_BUCKETS],
@@ -112,6 +115,7 @@ impl DeviceCounters {
             "write-bytes": get(&self.bytes_written),
             "guest-errors": get(&self.guest_errors),
             "io-errors": get(&self.io_errors),
+            "inflight-resubmitted": get(&self.inflight_resubmitted),
             "latency-us-log2": self
                 .latency_histogram()
                 .into_iter()

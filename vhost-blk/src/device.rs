@@ -161,6 +161,9 @@ impl BlockDevice {
         mem: &GuestMemory,
     ) -> Option<(u16, Result<Vec<Segment>, InflightError>)> {
         if let Some(head) = slot.tracking.as_mut().and_then(|t| t.next_resubmit()) {
+            self.counters
+                .inflight_resubmitted
+                .fetch_add(1, Ordering::Relaxed);
             let (desc_table, queue_size) = {
                 let state = vring.get_ref();
                 let queue = state.get_queue();
@@ -195,6 +198,8 @@ impl BlockDevice {
             .inflight
             .lock(queue_index)
             .ok_or_else(|| io::Error::other(format!("no queue {queue_index}")))?;
+        // The first round after the frontend (re)started the queue.
+        let first_round = !slot.started;
         if let Err(error) = self.start_inflight(&mut slot, vring, &mem) {
             tracing::warn!(%error, queue = queue_index, "ignoring the frontend's inflight area");
             slot.tracking = None;
@@ -220,7 +225,12 @@ impl BlockDevice {
             self.track(&mut slot, |t| t.completed(head, next_used));
             completed = true;
         }
-        if completed && vring.needs_notification().unwrap_or(true) {
+        let needs_notification = completed && vring.needs_notification().unwrap_or(true);
+        // After a restart the driver may wait for an interrupt for used entries the previous
+        // sealvm-blk published and died before signalling; its used_event then lies behind
+        // what this process adds, and the event-index rule would never signal. So the first
+        // round after a (re)start signals whatever it did.
+        if needs_notification || first_round {
             vring.signal_used_queue()?;
         }
         Ok(())

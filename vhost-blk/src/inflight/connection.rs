@@ -6,7 +6,7 @@
 //! file descriptors, to the handler over a socket pair of connections made in a private
 //! directory; the handler's replies come back the same way. SET_VRING_KICK is passed on
 //! too, and then the queue is kicked once so it serves its inflight requests before the
-//! guest kicks it (the guest may be waiting on exactly those requests).
+//! guest kicks it (the guest may be waiting on exactly those requests, and send no kick).
 //!
 //! A vhost-user message is a 12-byte header (request, flags, payload size; little-endian
 //! u32 each) and its payload; file descriptors travel with the header.
@@ -347,8 +347,9 @@ fn frontend_to_handler(
                 let queue = message.payload_u64(0).map(|v| (v & 0xff) as usize);
                 let kick = message.files.first().and_then(|f| f.try_clone().ok());
                 write_message(handler, &message)?;
-                // The queue (re)starts: it reads its region again, and a tracked queue is
-                // kicked once so requests in flight are served before the guest kicks.
+                // The queue (re)starts: it is kicked once, so it reads its region again and
+                // serves the requests in flight and those the driver queued while no
+                // sealvm-blk ran, without waiting for a kick the driver may never send.
                 if let Some(queue) = queue {
                     if slots.restart(queue) {
                         if let Some(mut kick) = kick {
@@ -539,6 +540,9 @@ mod tests {
             vec![],
         );
         assert!(set_inflight_fd(no_file, &slots, 256).is_err());
-        assert!(!slots.restart(0), "nothing installed");
+        assert!(
+            slots.lock(0).expect("slot").tracking.is_none(),
+            "nothing installed"
+        );
     }
 }

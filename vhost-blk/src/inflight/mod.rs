@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct QueueSlot {
     /// The queue's tracking, when the frontend sent a region.
     pub tracking: Option<QueueInflight>,
-    /// The worker has read the region for the queue's current start
-    /// ([`QueueInflight::start`]); cleared whenever the frontend (re)starts the queue.
+    /// The worker has had its first round since the frontend last (re)started the queue:
+    /// it read the region ([`QueueInflight::start`]) and signalled the driver.
     pub started: bool,
 }
 
@@ -84,12 +84,13 @@ impl InflightSlots {
         Ok(())
     }
 
-    /// Makes `queue` read its region again before its next request (the frontend started
-    /// it); true if the queue is tracked.
+    /// Makes `queue` start afresh on its next round (the frontend started it): read its
+    /// region again if it is tracked, and signal the driver whatever it does. False for a
+    /// queue the device does not have.
     pub fn restart(&self, queue: usize) -> bool {
         self.lock(queue).is_some_and(|mut slot| {
             slot.started = false;
-            slot.tracking.is_some()
+            true
         })
     }
 }
