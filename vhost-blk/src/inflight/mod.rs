@@ -13,6 +13,7 @@
 
 pub mod chain;
 pub mod connection;
+pub mod fuzzing;
 pub mod region;
 
 pub use connection::{serve_connection, Connection};

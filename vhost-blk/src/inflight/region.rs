@@ -340,7 +340,7 @@ fn check_shape(num_queues: u16, queue_size: u16) -> Result<(), InflightError> {
     Ok(())
 }
 
-fn memfd(name: &str) -> std::io::Result<File> {
+pub(super) fn memfd(name: &str) -> std::io::Result<File> {
     use std::os::fd::FromRawFd;
     let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call; memfd_create
