@@ -226,7 +226,8 @@ fn requests_in_flight_when_sealvm_blk_is_killed_are_served_by_the_next_one() {
 
     // QEMU reports each disconnect: its GET_VRING_BASE to a backend that is gone fails
     // ("Failed to set msg fds.", "vhost VQ 0 ring restore failed: -22"), whatever the
-    // backend offered (QEMU's own vhost-user qtests print the same two lines). What
+    // backend offered (qemu-storage-daemon, which offers INFLIGHT_SHMFD too, killed under
+    // the same guest, gets the same lines; so do QEMU's own vhost-user qtests). What
     // must not appear is an error on reconnect: starting vhost, setting up the rings or the
     // inflight region.
     let qemu_stderr = std::fs::read_to_string(&qemu_log).unwrap_or_default();
