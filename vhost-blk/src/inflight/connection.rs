@@ -36,7 +36,7 @@ const NEED_REPLY: u32 = 0x8;
 /// Bytes of a message header.
 const HEADER_SIZE: usize = 12;
 /// Largest payload accepted; the largest vhost-user payloads are a few KiB.
-const MAX_PAYLOAD: usize = 64 << 10;
+pub(super) const MAX_PAYLOAD: usize = 64 << 10;
 /// Most file descriptors one message carries.
 const MAX_FDS: usize = 32;
 /// Bytes of `VhostUserInflight` (u64 mmap_size, u64 mmap_offset, u16 num_queues,
@@ -44,14 +44,14 @@ const MAX_FDS: usize = 32;
 const INFLIGHT_PAYLOAD: usize = 24;
 
 /// One vhost-user message.
-struct Message {
+pub(super) struct Message {
     header: [u8; HEADER_SIZE],
-    payload: Vec<u8>,
+    pub(super) payload: Vec<u8>,
     files: Vec<File>,
 }
 
 impl Message {
-    fn request(&self) -> u32 {
+    pub(super) fn request(&self) -> u32 {
         u32::from_le_bytes([
             self.header[0],
             self.header[1],
@@ -98,7 +98,7 @@ fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> InflightError 
 }
 
 /// Reads one message; `None` when the peer closed the connection between messages.
-fn read_message(stream: &UnixStream) -> Result<Option<Message>, InflightError> {
+pub(super) fn read_message(stream: &UnixStream) -> Result<Option<Message>, InflightError> {
     let mut header = [0u8; HEADER_SIZE];
     let mut files = Vec::new();
     let mut got = 0;
