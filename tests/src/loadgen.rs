@@ -9,12 +9,15 @@
 //! up to 64 KiB).
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -116,6 +119,70 @@ pub struct BlkDriver {
     used_idx: u16,
     capacity_sectors: u64,
     timeout: Duration,
+    inflight: Option<InflightShm>,
+}
+
+/// The inflight region (vhost-user INFLIGHT_SHMFD) the backend gave this frontend, which the
+/// frontend keeps across backend restarts. Its layout (QEMU's, split virtqueues) is written
+/// out here rather than taken from the product: per queue a 16-byte header (`features` u64,
+/// `version` u16, `desc_num` u16, `last_batch_head` u16, `used_idx` u16), then `desc_num`
+/// 16-byte descriptor states (`inflight` u8, 5 bytes padding, `next` u16, `counter` u64),
+/// the area rounded up to 64 bytes.
+#[derive(Debug)]
+pub struct InflightShm {
+    file: File,
+    mmap_size: u64,
+    queue_size: u16,
+}
+
+impl InflightShm {
+    /// Bytes of the region.
+    pub fn size(&self) -> u64 {
+        self.mmap_size
+    }
+
+    fn write_at(&self, offset: u64, bytes: &[u8]) {
+        self.file
+            .write_all_at(bytes, offset)
+            .expect("write the inflight region");
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut out, offset)
+            .expect("read the inflight region");
+        out
+    }
+
+    /// Marks queue 0's `head` as taken and not completed, `counter` being the order in which
+    /// the backend took it: what a backend killed while serving it leaves behind.
+    pub fn mark_inflight(&self, head: u16, counter: u64) {
+        let at = 16 + u64::from(head) * 16;
+        self.write_at(at + 8, &counter.to_le_bytes());
+        self.write_at(at, &[1]);
+    }
+
+    /// True while queue 0's `head` is marked in flight.
+    pub fn is_inflight(&self, head: u16) -> bool {
+        self.read_at(16 + u64::from(head) * 16, 1)[0] == 1
+    }
+
+    /// Queue 0's `desc_num` (the queue size the area is for).
+    pub fn desc_num(&self) -> u16 {
+        let bytes = self.read_at(10, 2);
+        u16::from_le_bytes([bytes[0], bytes[1]])
+    }
+
+    /// Overwrites queue 0's `desc_num`, as a broken or hostile frontend might.
+    pub fn set_desc_num(&self, desc_num: u16) {
+        self.write_at(10, &desc_num.to_le_bytes());
+    }
+
+    /// Overwrites a byte of the region, as a broken or hostile frontend might.
+    pub fn poke(&self, offset: u64, byte: u8) {
+        self.write_at(offset, &[byte]);
+    }
 }
 
 /// One request in flight, identified by its slot.
@@ -125,23 +192,57 @@ pub struct Slot(pub u16);
 impl BlkDriver {
     /// Connects to the backend at `socket` and sets up one queue.
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, LoadError> {
-        let protocol = |step| move |source| LoadError::Protocol { step, source };
-        let mut frontend = Frontend::connect(socket, 1).map_err(protocol("connect"))?;
-        frontend.set_owner().map_err(protocol("SET_OWNER"))?;
-        let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
-        // No EVENT_IDX: the backend then signals every completion, which keeps this simple.
-        let wanted = offered & (VERSION_1 | FLUSH | CONFIG_WCE | PROTOCOL_FEATURES_BIT);
-        frontend
-            .set_features(wanted)
-            .map_err(protocol("SET_FEATURES"))?;
-        if offered & PROTOCOL_FEATURES_BIT != 0 {
-            let protocol_features = frontend
-                .get_protocol_features()
-                .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
-            frontend
-                .set_protocol_features(protocol_features & VhostUserProtocolFeatures::CONFIG)
-                .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
-        }
+        let mut driver = Self::connect_unstarted(socket, timeout)?;
+        driver.handshake(false)?;
+        Ok(driver)
+    }
+
+    /// Connects as [`Self::connect`] and also negotiates INFLIGHT_SHMFD: the backend makes
+    /// an inflight region (GET_INFLIGHT_FD), which is handed back to it (SET_INFLIGHT_FD)
+    /// before the queue starts, as QEMU does. Fails if the backend does not offer it.
+    pub fn connect_with_inflight(socket: &Path, timeout: Duration) -> Result<Self, LoadError> {
+        let mut driver = Self::connect_unstarted(socket, timeout)?;
+        driver.handshake(true)?;
+        Ok(driver)
+    }
+
+    fn connect_unstarted(socket: &Path, timeout: Duration) -> Result<Self, LoadError> {
+        let setup = |what| move |source| LoadError::Setup { what, source };
+        Ok(BlkDriver {
+            frontend: Frontend::connect(socket, 1).map_err(|source| LoadError::Protocol {
+                step: "connect",
+                source,
+            })?,
+            mem: Self::new_memory()?,
+            kick: EventFd::new(libc::EFD_NONBLOCK).map_err(setup("kick eventfd"))?,
+            call: EventFd::new(libc::EFD_NONBLOCK).map_err(setup("call eventfd"))?,
+            avail_idx: 0,
+            used_idx: 0,
+            capacity_sectors: 0,
+            timeout,
+            inflight: None,
+        })
+    }
+
+    /// Connects again to a (restarted) backend at `socket`, keeping the guest memory, the
+    /// rings and the inflight region, as QEMU does when its vhost-user socket reconnects:
+    /// the queue restarts at the used index (GET_VRING_BASE cannot reach a dead backend).
+    pub fn reconnect(mut self, socket: &Path) -> Result<Self, LoadError> {
+        self.frontend = Frontend::connect(socket, 1).map_err(|source| LoadError::Protocol {
+            step: "connect",
+            source,
+        })?;
+        let with_inflight = self.inflight.is_some();
+        self.handshake(with_inflight)?;
+        Ok(self)
+    }
+
+    /// The inflight region, once negotiated.
+    pub fn inflight(&self) -> Option<&InflightShm> {
+        self.inflight.as_ref()
+    }
+
+    fn new_memory() -> Result<GuestMemoryMmap<()>, LoadError> {
         let setup = |what| move |source| LoadError::Setup { what, source };
         // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd.
         let fd = unsafe { libc::memfd_create(c"sealvm-blk-load".as_ptr(), libc::MFD_CLOEXEC) };
@@ -155,7 +256,7 @@ impl BlkDriver {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(MEMORY_SIZE as u64)
             .map_err(setup("memfd size"))?;
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),
             MEMORY_SIZE,
             Some(FileOffset::new(file, 0)),
@@ -163,8 +264,35 @@ impl BlkDriver {
         .map_err(|e| LoadError::Setup {
             what: "guest memory",
             source: std::io::Error::other(e.to_string()),
-        })?;
-        let region = mem
+        })
+    }
+
+    /// Everything from SET_OWNER to a started queue, on the current connection; the queue
+    /// starts at `self.used_idx` (0 on a first connection).
+    fn handshake(&mut self, with_inflight: bool) -> Result<(), LoadError> {
+        let protocol = |step| move |source| LoadError::Protocol { step, source };
+        let frontend = &mut self.frontend;
+        frontend.set_owner().map_err(protocol("SET_OWNER"))?;
+        let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
+        // No EVENT_IDX: the backend then signals every completion, which keeps this simple.
+        let wanted = offered & (VERSION_1 | FLUSH | CONFIG_WCE | PROTOCOL_FEATURES_BIT);
+        frontend
+            .set_features(wanted)
+            .map_err(protocol("SET_FEATURES"))?;
+        if offered & PROTOCOL_FEATURES_BIT != 0 {
+            let protocol_features = frontend
+                .get_protocol_features()
+                .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
+            let mut wanted = VhostUserProtocolFeatures::CONFIG;
+            if with_inflight {
+                wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            frontend
+                .set_protocol_features(protocol_features & wanted)
+                .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
+        }
+        let region = self
+            .mem
             .find_region(GuestAddress(0))
             .expect("the region just created");
         let region_info = VhostUserMemoryRegionInfo::from_guest_region(region)
@@ -173,6 +301,26 @@ impl BlkDriver {
         frontend
             .set_mem_table(&[region_info])
             .map_err(protocol("SET_MEM_TABLE"))?;
+        if with_inflight {
+            if self.inflight.is_none() {
+                let (got, file) = frontend
+                    .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QUEUE_SIZE))
+                    .map_err(protocol("GET_INFLIGHT_FD"))?;
+                self.inflight = Some(InflightShm {
+                    file,
+                    mmap_size: got.mmap_size,
+                    queue_size: got.queue_size,
+                });
+            }
+            if let Some(inflight) = &self.inflight {
+                frontend
+                    .set_inflight_fd(
+                        &VhostUserInflight::new(inflight.mmap_size, 0, 1, inflight.queue_size),
+                        inflight.file.as_raw_fd(),
+                    )
+                    .map_err(protocol("SET_INFLIGHT_FD"))?;
+            }
+        }
         frontend
             .set_vring_num(0, QUEUE_SIZE)
             .map_err(protocol("SET_VRING_NUM"))?;
@@ -191,15 +339,13 @@ impl BlkDriver {
             )
             .map_err(protocol("SET_VRING_ADDR"))?;
         frontend
-            .set_vring_base(0, 0)
+            .set_vring_base(0, self.used_idx)
             .map_err(protocol("SET_VRING_BASE"))?;
-        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("kick eventfd"))?;
-        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("call eventfd"))?;
         frontend
-            .set_vring_call(0, &call)
+            .set_vring_call(0, &self.call)
             .map_err(protocol("SET_VRING_CALL"))?;
         frontend
-            .set_vring_kick(0, &kick)
+            .set_vring_kick(0, &self.kick)
             .map_err(protocol("SET_VRING_KICK"))?;
         frontend
             .set_vring_enable(0, true)
@@ -208,17 +354,8 @@ impl BlkDriver {
         let (_, capacity) = frontend
             .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &config)
             .map_err(protocol("GET_CONFIG"))?;
-        let capacity_sectors = u64::from_le_bytes(capacity[..8].try_into().unwrap_or([0; 8]));
-        Ok(BlkDriver {
-            frontend,
-            mem,
-            kick,
-            call,
-            avail_idx: 0,
-            used_idx: 0,
-            capacity_sectors,
-            timeout,
-        })
+        self.capacity_sectors = u64::from_le_bytes(capacity[..8].try_into().unwrap_or([0; 8]));
+        Ok(())
     }
 
     /// Sets the device's cache mode as a driver does through the configuration space
@@ -330,6 +467,73 @@ impl BlkDriver {
     /// Nothing is checked: descriptors may point anywhere, have any length and direction,
     /// which is how malformed requests are sent. At most three descriptors per slot.
     pub fn submit_chain(&mut self, slot: Slot, chain: &[RawDescriptor]) -> Result<(), LoadError> {
+        self.queue_chain(slot, chain)?;
+        self.kick.write(1).map_err(|source| LoadError::Setup {
+            what: "kick",
+            source,
+        })
+    }
+
+    /// Puts a write of `data` at `sector` for `slot` in the available ring without kicking
+    /// the backend; returns its descriptor head. With [`InflightShm::mark_inflight`] this
+    /// stages a request a killed backend had taken and not completed.
+    pub fn queue_write(&mut self, slot: Slot, sector: u64, data: &[u8]) -> Result<u16, LoadError> {
+        if data.len() > MAX_REQUEST_BYTES || data.is_empty() {
+            return Err(LoadError::TooLarge);
+        }
+        let base = Self::slot_addr(slot);
+        self.write_header(slot, types::OUT, sector);
+        self.write_guest(base + 0x1000, data);
+        let chain = [
+            RawDescriptor {
+                addr: base,
+                len: 16,
+                writable: false,
+            },
+            RawDescriptor {
+                addr: base + 0x1000,
+                len: data.len() as u32,
+                writable: false,
+            },
+            RawDescriptor {
+                addr: base + 0x10,
+                len: 1,
+                writable: true,
+            },
+        ];
+        self.queue_chain(slot, &chain)?;
+        Ok(slot.0 * 3)
+    }
+
+    /// Completions the backend has published that [`Self::complete`] has not taken, in
+    /// order, as (descriptor head, status); they stay unread.
+    pub fn used_entries(&self) -> Vec<(u16, u8)> {
+        fence(Ordering::SeqCst);
+        let used_idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(USED_RING + 2))
+            .expect("used ring in memory");
+        let mut out = Vec::new();
+        let mut idx = self.used_idx;
+        while idx != used_idx {
+            let entry = USED_RING + 4 + u64::from(idx % QUEUE_SIZE) * 8;
+            let head: u32 = self
+                .mem
+                .read_obj(GuestAddress(entry))
+                .expect("used ring in memory");
+            let state: u8 = self
+                .mem
+                .read_obj(GuestAddress(
+                    Self::slot_addr(Slot((head / 3) as u16)) + 0x10,
+                ))
+                .expect("slot in memory");
+            out.push((head as u16, state));
+            idx = idx.wrapping_add(1);
+        }
+        out
+    }
+
+    fn queue_chain(&mut self, slot: Slot, chain: &[RawDescriptor]) -> Result<(), LoadError> {
         if chain.is_empty() || chain.len() > 3 || slot.0 >= MAX_IN_FLIGHT {
             return Err(LoadError::TooLarge);
         }
@@ -354,10 +558,6 @@ impl BlkDriver {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.write_guest(AVAIL_RING + 2, &self.avail_idx.to_le_bytes());
         fence(Ordering::SeqCst);
-        self.kick.write(1).map_err(|source| LoadError::Setup {
-            what: "kick",
-            source,
-        })?;
         Ok(())
     }
 

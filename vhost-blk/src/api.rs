@@ -286,6 +286,7 @@ fn device_counters(counters: &crate::counters::DeviceCounters) -> DeviceCounters
         write_bytes: load(&counters.bytes_written),
         guest_errors: load(&counters.guest_errors),
         io_errors: load(&counters.io_errors),
+        inflight_resubmitted: load(&counters.inflight_resubmitted),
         latency_us_log2: counters
             .latency_histogram()
             .into_iter()

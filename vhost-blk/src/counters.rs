@@ -38,6 +38,9 @@ pub struct DeviceCounters {
     pub guest_errors: AtomicU64,
     /// Requests that failed in the storage.
     pub io_errors: AtomicU64,
+    /// Requests a previous sealvm-blk took from the ring and did not complete, served again
+    /// from the frontend's inflight region (INFLIGHT_SHMFD).
+    pub inflight_resubmitted: AtomicU64,
     /// Service time of parsed requests, microseconds, in log2 buckets (see
     /// [`LATENCY_BUCKETS`]).
     pub latency_us_log2: [AtomicU64; LATENCY_BUCKETS],

@@ -3,11 +3,12 @@
 //! run by the sealvm-virtio-blk crate, which checks everything the guest sends.
 
 use crate::counters::DeviceCounters;
+use crate::inflight::{chain::chain_segments, InflightError, InflightSlots, QueueSlot};
 use sealvm_virtio_blk::{
-    serve_descriptor_chain, BlockBackend, ConfigSpace, FailureLog, Features, Limits, Request,
-    Served,
+    serve_chain, BlockBackend, ConfigSpace, FailureLog, Features, Limits, Request, Segment, Served,
 };
 use std::io;
+use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -32,7 +33,7 @@ pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
 /// A queue over [`GuestMemory`].
 pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// Descriptors the device accepts per queue.
-const QUEUE_SIZE: usize = 256;
+pub const QUEUE_SIZE: usize = 256;
 
 /// A vhost-user-blk device serving one volume.
 pub struct BlockDevice {
@@ -52,6 +53,8 @@ pub struct BlockDevice {
     /// Counters for the API.
     pub counters: DeviceCounters,
     failures: FailureLog,
+    /// Inflight tracking per queue, installed by the frontend's connection.
+    inflight: Arc<InflightSlots>,
 }
 
 impl BlockDevice {
@@ -78,10 +81,100 @@ impl BlockDevice {
             mem: Mutex::new(None),
             counters: DeviceCounters::default(),
             failures: FailureLog::new(device),
+            inflight: Arc::new(InflightSlots::new(num_queues)),
         }
     }
 
-    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
+    /// The device's inflight tracking, for the connection that serves its frontend.
+    pub fn inflight_slots(&self) -> Arc<InflightSlots> {
+        self.inflight.clone()
+    }
+
+    /// On the first request after the frontend (re)started a tracked queue, reads its
+    /// inflight area: the requests a previous sealvm-blk took and did not complete are
+    /// served again first, and the queue continues after them in the available ring.
+    fn start_inflight(
+        &self,
+        slot: &mut QueueSlot,
+        vring: &Vring,
+        mem: &GuestMemory,
+    ) -> Result<(), InflightError> {
+        if slot.started {
+            return Ok(());
+        }
+        slot.started = true;
+        let Some(tracking) = slot.tracking.as_mut() else {
+            return Ok(());
+        };
+        let (queue_size, used_idx) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            let used_idx = queue
+                .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(|_| InflightError::OutOfRange)?;
+            (queue.size(), used_idx)
+        };
+        let next_avail = tracking.start(queue_size, used_idx)?;
+        vring.set_queue_next_avail(next_avail.0);
+        let resubmit: Vec<u16> = tracking.pending_resubmit().collect();
+        if !resubmit.is_empty() {
+            tracing::info!(
+                requests = resubmit.len(),
+                heads = ?resubmit,
+                "serving again the requests in flight when the previous sealvm-blk stopped"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the queue's tracking; a failure (a head or region the frontend got
+    /// wrong) ends the tracking of that queue, never the device.
+    fn track(
+        &self,
+        slot: &mut QueueSlot,
+        f: impl FnOnce(&mut crate::inflight::QueueInflight) -> Result<(), InflightError>,
+    ) {
+        if let Some(tracking) = slot.tracking.as_mut() {
+            if let Err(error) = f(tracking) {
+                tracing::warn!(%error, "inflight tracking stopped for a queue");
+                slot.tracking = None;
+            }
+        }
+    }
+
+    /// The next request: one taken before a restart and not completed, else a new one from
+    /// the available ring (recorded as taken).
+    fn next_request(
+        &self,
+        slot: &mut QueueSlot,
+        vring: &Vring,
+        mem: &GuestMemory,
+    ) -> Option<(u16, Result<Vec<Segment>, InflightError>)> {
+        if let Some(head) = slot.tracking.as_mut().and_then(|t| t.next_resubmit()) {
+            self.counters
+                .inflight_resubmitted
+                .fetch_add(1, Ordering::Relaxed);
+            let (desc_table, queue_size) = {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                (GuestAddress(queue.desc_table()), queue.size())
+            };
+            return Some((head, chain_segments(mem, desc_table, queue_size, head)));
+        }
+        let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem)?;
+        let head = chain.head_index();
+        self.track(slot, |t| t.taken(head));
+        let segments = chain
+            .map(|d| Segment {
+                addr: d.addr().0,
+                len: d.len(),
+                writable: d.is_write_only(),
+            })
+            .collect();
+        Some((head, Ok(segments)))
+    }
+
+    fn process_queue(&self, queue_index: usize, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self
             .mem
             .lock()
@@ -91,56 +184,73 @@ impl BlockDevice {
             return Ok(());
         };
         let mem = mem.memory();
+        let mut slot = self
+            .inflight
+            .lock(queue_index)
+            .ok_or_else(|| io::Error::other(format!("no queue {queue_index}")))?;
+        // The first round after the frontend (re)started the queue.
+        let first_round = !slot.started;
+        if let Err(error) = self.start_inflight(&mut slot, vring, &mem) {
+            tracing::warn!(%error, queue = queue_index, "ignoring the frontend's inflight area");
+            slot.tracking = None;
+        }
         let mut completed = false;
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else {
-                break;
+        while let Some((head, segments)) = self.next_request(&mut slot, vring, &mem) {
+            let used = match segments {
+                Ok(segments) => self.serve(&mem, &segments),
+                Err(error) => {
+                    // A request to serve again whose descriptors the driver broke: it is
+                    // completed with nothing written.
+                    tracing::warn!(%error, "cannot serve an inflight request again");
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    0
+                }
             };
-            let head = chain.head_index();
-            let volume = self.volume.as_ref();
-            let used =
-                serve_descriptor_chain(
-                    &*mem,
-                    &chain,
-                    volume,
-                    &self.limits,
-                    |served| match served {
-                        Served::Ran {
-                            request,
-                            error,
-                            started,
-                        } => {
-                            let error = error.or_else(|| self.write_through_flush(&mem, request));
-                            self.counters.count_request(
-                                request.kind,
-                                request.data_len,
-                                started.elapsed(),
-                                error.is_none(),
-                            );
-                            if let Some(error) = error {
-                                self.count_error(&error);
-                            }
-                        }
-                        Served::Rejected(rejected) => {
-                            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                            self.count_error(&rejected.error);
-                        }
-                    },
-                );
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.track(&mut slot, |t| t.completing(head));
             vring
                 .add_used(head, used)
                 .map_err(|e| io::Error::other(format!("cannot complete a request: {e:?}")))?;
+            let next_used = Wrapping(vring.get_ref().get_queue().next_used());
+            self.track(&mut slot, |t| t.completed(head, next_used));
             completed = true;
         }
-        if completed && vring.needs_notification().unwrap_or(true) {
+        let needs_notification = completed && vring.needs_notification().unwrap_or(true);
+        // After a restart the driver may wait for an interrupt for used entries the previous
+        // sealvm-blk published and died before signalling; its used_event then lies behind
+        // what this process adds, and the event-index rule would never signal. So the first
+        // round after a (re)start signals whatever it did.
+        if needs_notification || first_round {
             vring.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// Serves one request; returns the bytes written to the driver's buffers.
+    fn serve(&self, mem: &GuestMemory, segments: &[Segment]) -> u32 {
+        let volume = self.volume.as_ref();
+        serve_chain(mem, segments, volume, &self.limits, |served| match served {
+            Served::Ran {
+                request,
+                error,
+                started,
+            } => {
+                let error = error.or_else(|| self.write_through_flush(mem, request));
+                self.counters.count_request(
+                    request.kind,
+                    request.data_len,
+                    started.elapsed(),
+                    error.is_none(),
+                );
+                if let Some(error) = error {
+                    self.count_error(&error);
+                }
+            }
+            Served::Rejected(rejected) => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.count_error(&rejected.error);
+            }
+        })
     }
 
     /// True while every write is made durable before it is acknowledged.
@@ -207,18 +317,21 @@ impl VhostUserBackend for BlockDevice {
         features
     }
 
-    /// What qemu-storage-daemon's vhost-user-blk export offers, as far as
-    /// vhost-user-backend 0.24 lets a backend: CONFIG and MQ; REPLY_ACK (the vhost crate
-    /// answers `need_reply` messages); CONFIGURE_MEM_SLOTS (the handler adds and removes
-    /// regions one at a time; libblkio requires it); LOG_SHMFD (dirty logging through
-    /// [`GuestMemory`]'s bitmap, for live migration). Not INFLIGHT_SHMFD: the 0.24 handler
-    /// refuses GET_INFLIGHT_FD itself and gives a backend no way to serve it.
+    /// What qemu-storage-daemon's vhost-user-blk export offers: CONFIG and MQ; REPLY_ACK
+    /// (the vhost crate answers `need_reply` messages); CONFIGURE_MEM_SLOTS (the handler
+    /// adds and removes regions one at a time; libblkio requires it); LOG_SHMFD (dirty
+    /// logging through [`GuestMemory`]'s bitmap, for live migration); INFLIGHT_SHMFD
+    /// (requests in flight when sealvm-blk stopped are served again by the next one; the
+    /// two inflight messages are answered by [`crate::inflight::connection`], because
+    /// vhost-user-backend 0.24's handler refuses them, so a frontend needs that connection,
+    /// as `sealvm-blk serve` gives it, not a bare `VhostUserDaemon`).
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn acked_features(&self, features: u64) {
@@ -291,8 +404,10 @@ impl VhostUserBackend for BlockDevice {
         device_event: u16,
         evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
+        // One queue per worker thread (`queues_per_thread`): the thread is the queue.
+        let queue_index = thread_id;
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected events {evset:?}")));
         }
@@ -305,7 +420,7 @@ impl VhostUserBackend for BlockDevice {
                 vring
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
-                self.process_queue(vring)?;
+                self.process_queue(queue_index, vring)?;
                 if !vring
                     .enable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?
@@ -314,7 +429,7 @@ impl VhostUserBackend for BlockDevice {
                 }
             }
         } else {
-            self.process_queue(vring)?;
+            self.process_queue(queue_index, vring)?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod counters;
 pub mod device;
 pub mod image_access;
+pub mod inflight;
 pub mod journal;
 pub mod pit;
 pub mod replication;

@@ -406,7 +406,7 @@ fn bind_vhost(
 fn serve_device(
     name: &str,
     device: Arc<BlockDevice>,
-    mut listener: vhost::vhost_user::Listener,
+    listener: vhost::vhost_user::Listener,
     socket: &std::path::Path,
 ) -> anyhow::Result<()> {
     tracing::info!(volume = %name, socket = %socket.display(), "serving");
@@ -420,10 +420,28 @@ fn serve_device(
             GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new()),
         )
         .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| anyhow::anyhow!("cannot accept on {}: {e}", socket.display()))?;
+        let frontend = loop {
+            if let Some(frontend) = listener
+                .accept()
+                .with_context(|| format!("cannot accept on {}", socket.display()))?
+            {
+                break frontend;
+            }
+        };
+        // The inflight messages are answered beside the daemon's handler (INFLIGHT_SHMFD).
+        let connection = sealvm_blk::inflight::serve_connection(
+            frontend,
+            device.inflight_slots(),
+            sealvm_blk::device::QUEUE_SIZE,
+            |listener| {
+                daemon
+                    .start(listener)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            },
+        )
+        .context("cannot serve the frontend")?;
         let result = daemon.wait();
+        connection.finish();
         // Stop this connection's queue workers before the next frontend gets new ones.
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();

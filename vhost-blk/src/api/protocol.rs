@@ -177,6 +177,9 @@ pub struct DeviceCounters {
     pub guest_errors: u64,
     /// Requests that failed in the storage.
     pub io_errors: u64,
+    /// Requests in flight when a previous sealvm-blk stopped, served again from the
+    /// frontend's inflight region (INFLIGHT_SHMFD).
+    pub inflight_resubmitted: u64,
     /// The non-empty log2 buckets of service time.
     pub latency_us_log2: Vec<LatencyBucket>,
 }
@@ -529,6 +532,7 @@ mod tests {
                 write_bytes: 0,
                 guest_errors: 0,
                 io_errors: 0,
+                inflight_resubmitted: 0,
                 latency_us_log2: vec![LatencyBucket {
                     from_us: 4,
                     count: 1,
