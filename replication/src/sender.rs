@@ -134,7 +134,7 @@ pub fn ship<S: Read + Write>(
     )?;
     let resumed_after = match expect(stream, "welcome")? {
         Message::Welcome { durable_seq, .. } => durable_seq,
-        other => return Err(SendError::Unexpected(name_of(&other), "welcome")),
+        other => return Err(SendError::Unexpected(other.name(), "welcome")),
     };
     if resumed_after < state.base_seq {
         return Err(SendError::NeedsResync {
@@ -216,7 +216,7 @@ fn commit<S: Read + Write>(
         match expect(stream, "ack")? {
             Message::Ack { seq: acked } if acked == seq => break,
             Message::Heartbeat { .. } => {}
-            other => return Err(SendError::Unexpected(name_of(&other), "ack")),
+            other => return Err(SendError::Unexpected(other.name(), "ack")),
         }
     }
     consumer::advance(&config.journal, &config.consumer_name(), seq)?;
@@ -262,18 +262,6 @@ fn send<S: Write>(stream: &mut S, message: &Message) -> Result<(), SendError> {
         .write_all(&message.encode())
         .and_then(|()| stream.flush())
         .map_err(SendError::Send)
-}
-
-fn name_of(message: &Message) -> &'static str {
-    match message {
-        Message::Hello(_) => "hello",
-        Message::Welcome { .. } => "welcome",
-        Message::Record(_) => "record",
-        Message::Commit { .. } => "commit",
-        Message::Ack { .. } => "ack",
-        Message::Refused { .. } => "refused",
-        Message::Heartbeat { .. } => "heartbeat",
-    }
 }
 
 /// True when `journal` exists and is a journal folder (for clear CLI errors).

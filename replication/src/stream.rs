@@ -189,7 +189,7 @@ impl StreamState {
     }
 
     fn check<'m>(&mut self, message: &'m Message) -> Result<Accepted<'m>, StreamError> {
-        let name = message_name(message);
+        let name = message.name();
         if let Message::Refused { reason, .. } = message {
             return Ok(Accepted::PeerRefused { reason });
         }
@@ -334,18 +334,6 @@ fn check_record(
         RecordKind::Sync | RecordKind::Unknown(_) => Err(out(
             "only writes, zero extents and bookmarks are shipped".into(),
         )),
-    }
-}
-
-fn message_name(message: &Message) -> &'static str {
-    match message {
-        Message::Hello(_) => "hello",
-        Message::Welcome { .. } => "welcome",
-        Message::Record(_) => "record",
-        Message::Commit { .. } => "commit",
-        Message::Ack { .. } => "ack",
-        Message::Refused { .. } => "refused",
-        Message::Heartbeat { .. } => "heartbeat",
     }
 }
 

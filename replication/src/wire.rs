@@ -273,6 +273,19 @@ pub enum Message {
 }
 
 impl Message {
+    /// The message type's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::Record(_) => "record",
+            Message::Commit { .. } => "commit",
+            Message::Ack { .. } => "ack",
+            Message::Refused { .. } => "refused",
+            Message::Heartbeat { .. } => "heartbeat",
+        }
+    }
+
     /// The message as one frame, header and body.
     pub fn encode(&self) -> Vec<u8> {
         let (msg_type, body) = self.body();
