@@ -40,6 +40,7 @@ pub fn scan_segment_bytes(bytes: &[u8]) -> Result<u64, SegmentError> {
 mod tests {
     use super::*;
     use crate::format::{NewRecord, RecordKind, SegmentHeader};
+    use sealvm_os::mutate::{Damage, Mutator};
 
     fn segment() -> Vec<u8> {
         let identity = format::Identity {
@@ -90,27 +91,15 @@ mod tests {
     fn mutated_segments_never_break_the_scanners_promises() {
         let good = segment();
         assert_eq!(scan_segment_bytes(&good).unwrap(), 5);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
+        let mut mutator = Mutator::new(0x9e37_79b9_7f4a_7c15);
+        let damage = Damage {
+            max_steps: 4,
+            fill: 0,
+            fill_len: 64,
+            splice: false,
         };
         for _ in 0..3000 {
-            let mut bytes = good.clone();
-            for _ in 0..(next() % 4 + 1) {
-                let at = (next() % bytes.len() as u64) as usize;
-                match next() % 3 {
-                    0 => bytes[at] ^= 1 << (next() % 8),
-                    1 => bytes.truncate(at),
-                    _ => bytes[at..].iter_mut().take(64).for_each(|b| *b = 0),
-                }
-                if bytes.is_empty() {
-                    break;
-                }
-            }
-            let _ = scan_segment_bytes(&bytes);
+            let _ = scan_segment_bytes(&mutator.mutated(&good, damage));
         }
     }
 

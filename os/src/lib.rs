@@ -6,7 +6,8 @@
 //! [`socket`] binds unix sockets without ever deleting a file that is not a socket or
 //! stealing a socket that something still serves; [`signals`] catches SIGTERM and SIGINT
 //! and hands them to a binary's reaction on a thread; [`main_setup`] gives the four binaries
-//! one way to log, print errors and exit. It deliberately holds nothing about VMs, disks or
+//! one way to log, print errors and exit; [`mutate`] damages inputs for the decoders'
+//! seeded mutation runs. It deliberately holds nothing about VMs, disks or
 //! journals.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -14,5 +15,6 @@ pub mod api_socket;
 pub mod durable;
 pub mod lock;
 pub mod main_setup;
+pub mod mutate;
 pub mod signals;
 pub mod socket;

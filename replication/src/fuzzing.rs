@@ -35,6 +35,7 @@ mod tests {
     use super::*;
     use crate::wire::{Hello, Message, Mode, ShippedRecord};
     use sealvm_journal::{RecordKind, Uuid};
+    use sealvm_os::mutate::{Damage, Mutator};
 
     fn good_stream() -> (Vec<ShippedRecord>, Vec<u8>) {
         let mut messages = vec![Message::Hello(Hello {
@@ -78,33 +79,16 @@ mod tests {
     fn mutated_streams_never_break_the_receivers_promises() {
         let (records, good) = good_stream();
         assert_eq!(receive_bytes(&good, 7), records);
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
+        let mut mutator = Mutator::new(0x2545_f491_4f6c_dd1d);
+        let damage = Damage {
+            max_steps: 4,
+            fill: 0,
+            fill_len: 64,
+            splice: true,
         };
         for _ in 0..4000 {
-            let mut bytes = good.clone();
-            for _ in 0..(next() % 4 + 1) {
-                if bytes.is_empty() {
-                    break;
-                }
-                let at = (next() % bytes.len() as u64) as usize;
-                match next() % 4 {
-                    0 => bytes[at] ^= 1 << (next() % 8),
-                    1 => bytes.truncate(at),
-                    2 => bytes[at..].iter_mut().take(64).for_each(|b| *b = 0),
-                    _ => {
-                        let from = (next() % good.len() as u64) as usize;
-                        let len = (next() % 200) as usize;
-                        let splice: Vec<u8> = good[from..(from + len).min(good.len())].to_vec();
-                        bytes.splice(at..at, splice);
-                    }
-                }
-            }
-            let piece = (next() % 300 + 1) as usize;
+            let bytes = mutator.mutated(&good, damage);
+            let piece = mutator.below(300) + 1;
             // Whatever the damage, what is applied is a prefix of the good records, each
             // byte-identical: a damaged record fails its CRC, a spliced copy of an earlier
             // one is a replay, a skipped one leaves a gap.

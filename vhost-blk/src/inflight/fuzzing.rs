@@ -99,6 +99,7 @@ pub fn frame_messages(bytes: &[u8]) -> Result<usize, InflightError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sealvm_os::mutate::{Damage, Mutator};
 
     /// A region with heads 3 and 5 of an 8-descriptor queue in flight.
     fn region_bytes() -> Vec<u8> {
@@ -125,27 +126,15 @@ mod tests {
     fn mutated_regions_never_break_the_promises() {
         let good = region_bytes();
         assert_eq!(start_on_region_bytes(&good).expect("good region"), 2);
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
+        let mut mutator = Mutator::new(0x2545_f491_4f6c_dd1d);
+        let damage = Damage {
+            max_steps: 4,
+            fill: 0xff,
+            fill_len: 16,
+            splice: false,
         };
         for _ in 0..2000 {
-            let mut bytes = good.clone();
-            for _ in 0..(next() % 4 + 1) {
-                let at = (next() % bytes.len() as u64) as usize;
-                match next() % 3 {
-                    0 => bytes[at] ^= 1 << (next() % 8),
-                    1 => bytes.truncate(at),
-                    _ => bytes[at..].iter_mut().take(16).for_each(|b| *b = 0xff),
-                }
-                if bytes.is_empty() {
-                    break;
-                }
-            }
-            let _ = start_on_region_bytes(&bytes);
+            let _ = start_on_region_bytes(&mutator.mutated(&good, damage));
         }
     }
 
@@ -160,22 +149,15 @@ mod tests {
             good.extend(payload);
         }
         assert_eq!(frame_messages(&good).expect("good stream"), 2);
-        let mut state = 0x853c_49e6_748f_ea9bu64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
+        let mut mutator = Mutator::new(0x853c_49e6_748f_ea9b);
+        let damage = Damage {
+            max_steps: 1,
+            fill: 0xff,
+            fill_len: 4,
+            splice: false,
         };
         for _ in 0..300 {
-            let mut bytes = good.clone();
-            let at = (next() % bytes.len() as u64) as usize;
-            match next() % 3 {
-                0 => bytes[at] ^= 1 << (next() % 8),
-                1 => bytes.truncate(at),
-                _ => bytes[at..].iter_mut().take(4).for_each(|b| *b = 0xff),
-            }
-            let _ = frame_messages(&bytes);
+            let _ = frame_messages(&mutator.mutated(&good, damage));
         }
     }
 
