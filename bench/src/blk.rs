@@ -6,6 +6,7 @@
 //! history): `pit restore` time against the journal's length, and `pit expose` retarget
 //! time against the records between the two points.
 
+use crate::pattern::{Offsets, Pattern, VOLUME_BYTES};
 use crate::table::Row;
 use anyhow::{ensure, Result};
 use sealvm_blk::api::protocol::Request;
@@ -18,7 +19,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const VOLUME_BYTES: u64 = 256 << 20;
 /// Journal lengths (4 KiB write records) at which `pit restore` is timed.
 const HISTORY_RECORDS: [u64; 3] = [1_000, 10_000, 40_000];
 /// Records between the two points of a timed retarget (at most the longest history).
@@ -27,23 +27,6 @@ const RETARGET_DISTANCES: [u64; 4] = [10, 100, 1_000, 10_000];
 const RETARGET_REPEATS: u32 = 5;
 /// Each pattern runs this long per backend.
 const RUN_TIME: Duration = Duration::from_secs(3);
-
-#[derive(Clone, Copy)]
-enum Pattern {
-    RandRead { depth: u16 },
-    RandWriteFlush,
-    SeqWrite64k,
-}
-
-impl Pattern {
-    fn name(self) -> String {
-        match self {
-            Pattern::RandRead { depth } => format!("4K random read QD{depth}"),
-            Pattern::RandWriteFlush => "4K random write QD1, flush every 8".into(),
-            Pattern::SeqWrite64k => "64K sequential write QD1".into(),
-        }
-    }
-}
 
 const PATTERNS: [Pattern; 4] = [
     Pattern::RandRead { depth: 1 },
@@ -147,9 +130,8 @@ fn history_rows(blk: &Path, dir: &Path) -> Result<Vec<Row>> {
     std::fs::File::create(&base)?.set_len(VOLUME_BYTES)?;
     let journal = dir.join("history.journal");
     let (volume, _) = JournaledVolume::open(&base, &journal, false)?;
-    let blocks = VOLUME_BYTES / 4096;
     let data = vec![0x5au8; 4096];
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut offsets = Offsets::new();
     let mut written = 0u64;
     let mut rows = Vec::new();
     println!();
@@ -174,7 +156,7 @@ fn history_rows(blk: &Path, dir: &Path) -> Result<Vec<Row>> {
     for history in HISTORY_RECORDS {
         step(&format!("bench: pit restore after {history} records"));
         while written < history {
-            volume.write_at((next(&mut rng) % blocks) * 4096, &data)?;
+            volume.write_at(offsets.random_block(), &data)?;
             written += 1;
         }
         volume.flush()?;
@@ -237,38 +219,34 @@ fn history_rows(blk: &Path, dir: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// xorshift64, for request offsets.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 fn measure(driver: &mut BlkDriver, pattern: Pattern) -> Result<Measured> {
-    let sectors_4k = VOLUME_BYTES / 4096;
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut offsets = Offsets::new();
     let mut latencies = Vec::new();
     let started = Instant::now();
     let mut ops = 0u64;
     match pattern {
-        Pattern::RandRead { depth } => {
+        Pattern::RandRead { depth } | Pattern::RandWrite { depth } => {
+            let (request_type, data) = match pattern {
+                Pattern::RandRead { .. } => (types::IN, Vec::new()),
+                _ => (types::OUT, vec![0x5au8; 4096]),
+            };
+            let reply = if data.is_empty() { 4096 } else { 0 };
             let mut issued = vec![Instant::now(); usize::from(depth)];
             for slot in 0..depth {
-                let sector = (next(&mut rng) % sectors_4k) * 8;
+                let sector = offsets.random_block() / 512;
                 issued[usize::from(slot)] = Instant::now();
-                driver.submit(Slot(slot), types::IN, sector, &[], 4096)?;
+                driver.submit(Slot(slot), request_type, sector, &data, reply)?;
             }
             let mut in_flight = depth;
             while in_flight > 0 {
                 let (slot, state) = driver.complete()?;
-                ensure!(state == 0, "read failed with status {state}");
+                ensure!(state == 0, "{} failed with status {state}", pattern.name());
                 latencies.push(issued[usize::from(slot.0)].elapsed());
                 ops += 1;
                 if started.elapsed() < RUN_TIME {
-                    let sector = (next(&mut rng) % sectors_4k) * 8;
+                    let sector = offsets.random_block() / 512;
                     issued[usize::from(slot.0)] = Instant::now();
-                    driver.submit(slot, types::IN, sector, &[], 4096)?;
+                    driver.submit(slot, request_type, sector, &data, reply)?;
                 } else {
                     in_flight -= 1;
                 }
@@ -278,7 +256,7 @@ fn measure(driver: &mut BlkDriver, pattern: Pattern) -> Result<Measured> {
             let data = vec![0x5au8; 4096];
             while started.elapsed() < RUN_TIME {
                 let t = Instant::now();
-                driver.write((next(&mut rng) % sectors_4k) * 8, &data)?;
+                driver.write(offsets.random_block() / 512, &data)?;
                 ops += 1;
                 if ops % 8 == 0 {
                     driver.flush()?;
@@ -288,11 +266,9 @@ fn measure(driver: &mut BlkDriver, pattern: Pattern) -> Result<Measured> {
         }
         Pattern::SeqWrite64k => {
             let data = vec![0xa5u8; 64 << 10];
-            let mut sector = 0;
             while started.elapsed() < RUN_TIME {
                 let t = Instant::now();
-                driver.write(sector, &data)?;
-                sector = (sector + 128) % (VOLUME_BYTES / 512);
+                driver.write(offsets.next(pattern) / 512, &data)?;
                 ops += 1;
                 latencies.push(t.elapsed());
             }

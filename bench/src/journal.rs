@@ -3,6 +3,7 @@
 //! use, which nobody here wrote), with the journal off and on; the index's memory per
 //! written extent; and how much a whole-device discard grows the journal.
 
+use crate::pattern::{Offsets, Pattern, VOLUME_BYTES};
 use crate::table::Row;
 use anyhow::{anyhow, ensure, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
@@ -14,28 +15,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const VOLUME_BYTES: u64 = 256 << 20;
 const RUN_TIME: Duration = Duration::from_secs(3);
 const BUF_BYTES: usize = 64 << 10;
-
-#[derive(Clone, Copy)]
-enum Pattern {
-    RandRead { depth: usize },
-    RandWrite { depth: usize },
-    RandWriteFlush,
-    SeqWrite64k,
-}
-
-impl Pattern {
-    fn name(self) -> String {
-        match self {
-            Pattern::RandRead { depth } => format!("4K random read QD{depth}"),
-            Pattern::RandWrite { depth } => format!("4K random write QD{depth}"),
-            Pattern::RandWriteFlush => "4K random write QD1, flush every 8".into(),
-            Pattern::SeqWrite64k => "64K sequential write QD1".into(),
-        }
-    }
-}
 
 const PATTERNS: [Pattern; 6] = [
     Pattern::RandRead { depth: 1 },
@@ -80,12 +61,10 @@ impl Client {
     fn submit(&mut self, pattern: Pattern, slot: usize, offset: u64) {
         let flags = ReqFlags::empty();
         let buf = self.buffer(slot);
+        let len = pattern.request_bytes();
         match pattern {
-            Pattern::RandRead { .. } => self.queue.read(offset, buf, 4096, slot, flags),
-            Pattern::RandWrite { .. } | Pattern::RandWriteFlush => {
-                self.queue.write(offset, buf, 4096, slot, flags)
-            }
-            Pattern::SeqWrite64k => self.queue.write(offset, buf, 64 << 10, slot, flags),
+            Pattern::RandRead { .. } => self.queue.read(offset, buf, len, slot, flags),
+            _ => self.queue.write(offset, buf, len, slot, flags),
         }
     }
 
@@ -114,34 +93,14 @@ impl Client {
     }
 }
 
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 /// IOPS of `pattern` for RUN_TIME.
 fn measure(client: &mut Client, pattern: Pattern) -> Result<f64> {
-    let blocks = VOLUME_BYTES / 4096;
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let depth = match pattern {
-        Pattern::RandRead { depth } | Pattern::RandWrite { depth } => depth,
-        _ => 1,
-    };
-    let mut sequential = 0u64;
-    let mut offset = |pattern: Pattern, rng: &mut u64| match pattern {
-        Pattern::SeqWrite64k => {
-            let at = sequential;
-            sequential = (sequential + (64 << 10)) % VOLUME_BYTES;
-            at
-        }
-        _ => (next(rng) % blocks) * 4096,
-    };
+    let mut offsets = Offsets::new();
+    let depth = usize::from(pattern.depth());
     let started = Instant::now();
     let mut ops = 0u64;
     for slot in 0..depth {
-        let at = offset(pattern, &mut rng);
+        let at = offsets.next(pattern);
         client.submit(pattern, slot, at);
     }
     let mut in_flight = depth;
@@ -152,7 +111,7 @@ fn measure(client: &mut Client, pattern: Pattern) -> Result<f64> {
             client.flush()?;
         }
         if started.elapsed() < RUN_TIME {
-            let at = offset(pattern, &mut rng);
+            let at = offsets.next(pattern);
             client.submit(pattern, slot, at);
         } else {
             in_flight -= 1;

@@ -7,6 +7,7 @@ mod agent;
 mod blk;
 mod bundle;
 mod journal;
+mod pattern;
 mod table;
 mod vmm;
 
