@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: show the main job, as far as the project has got: the Linux guest on
-//! a journaled sealvm-blk volume, an application-consistent bookmark through sealvm-agent,
+//! a journaled sealvm-blk volume, a bookmark taken with the guest frozen by sealvm-agent,
 //! and a deleted file recovered from that point in time.
 
 use crate::{images, setup};
@@ -66,7 +66,7 @@ fn journaled_volume_recovers_a_deleted_file(
 
     guest_run(&guest, "mount -t ext4 /dev/vda /mnt && echo 'order 1001: 3 widgets' > /mnt/orders.txt && sync && cat /mnt/orders.txt")?;
 
-    step("demo: application-consistent bookmark: the agent freezes the guest, sealvm-blk bookmarks, the agent thaws");
+    step("demo: bookmark with the guest frozen: the agent freezes its filesystems, sealvm-blk bookmarks, the agent thaws (no application toolkit runs in this guest, so the report says crash-consistent)");
     let report = process::output(
         Command::new(&blk)
             .args(["bookmark", "--api-socket"])
@@ -113,7 +113,7 @@ fn journaled_volume_recovers_a_deleted_file(
         recovered.contains("order 1001"),
         "the file did not come back from the bookmark"
     );
-    step("demo: done — the deleted file came back from the application-consistent bookmark");
+    step("demo: done — the deleted file came back from the bookmark taken with the guest frozen");
     Ok(())
 }
 
